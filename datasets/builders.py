@@ -1,0 +1,179 @@
+"""Dataset builders: a registry of offline datasets and the generic raw → canonical pipeline.
+
+A builder produces a *pool* (every sample, with its official split if the dataset has one); this module
+applies the split protocol and writes the canonical directory (``format.write_dataset``). The directory
+name carries the protocol, the split seed and a hash of the builder options, so different settings never
+overwrite each other and a cached build is reused only when it matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from midasbench.harness.registry import Registry
+
+from .format import MANIFEST_NAME, DatasetFormatError, SplitArrays, read_manifest, write_dataset
+from .splits import split_indices
+
+DATA_ROOT_ENV = "MIDASBENCH_DATA"
+
+
+def default_data_root() -> Path:
+    """``$MIDASBENCH_DATA`` or ``~/.cache/midasbench/data``."""
+    env = os.environ.get(DATA_ROOT_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "midasbench" / "data"
+
+
+@dataclass
+class Pool:
+    """Every sample of a dataset before splitting; ``official_split`` names each row's own split."""
+
+    classes: list[str]
+    arrays: SplitArrays
+    official_split: np.ndarray | None = None
+    modality_kinds: dict[str, str] = field(default_factory=dict)
+
+
+class BuilderOptions(BaseModel):
+    """Base for a builder's typed options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetBuilder(ABC):
+    """One offline dataset. Subclasses set the class attributes and implement ``build_pool``."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    description: ClassVar[str]
+    Options: ClassVar[type[BuilderOptions]] = BuilderOptions
+
+    @abstractmethod
+    def build_pool(self, options: Any) -> Pool:
+        """Produce every sample; must be deterministic given the options."""
+
+    @classmethod
+    def parse_options(cls, options: dict[str, Any] | None) -> BuilderOptions:
+        try:
+            return cls.Options.model_validate(options or {})
+        except ValidationError as exc:
+            raise DatasetFormatError(f"dataset {cls.name!r}: invalid data.options: {_describe(exc)}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+DATASETS: Registry[type[DatasetBuilder]] = Registry("dataset")
+
+
+def options_hash(options: BaseModel) -> str:
+    canonical = json.dumps(options.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def dataset_directory(root: Path, name: str, split: str, split_seed: int, options: BaseModel) -> Path:
+    seed_part = f"-s{split_seed}" if split == "midas70" else ""
+    return Path(root) / f"{name}-{split}{seed_part}-{options_hash(options)}"
+
+
+def build_dataset(
+    name: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    split: str = "midas70",
+    split_seed: int = 2,
+    options: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Build (or reuse) the canonical directory of a registered dataset and return its path."""
+    builder_cls = DATASETS.get(name)
+    parsed = builder_cls.parse_options(options)
+    directory = dataset_directory(Path(root) if root else default_data_root(), name, split, split_seed, parsed)
+    if not force and (directory / MANIFEST_NAME).is_file():
+        read_manifest(directory)  # a complete, readable dataset: reuse it
+        return directory
+    pool = builder_cls().build_pool(parsed)
+    write_pool(
+        pool,
+        directory,
+        name=name,
+        version=builder_cls.version,
+        description=builder_cls.description,
+        split=split,
+        split_seed=split_seed,
+        build_options=parsed.model_dump(mode="json"),
+    )
+    return directory
+
+
+def write_pool(
+    pool: Pool,
+    directory: Path,
+    *,
+    name: str,
+    version: str,
+    description: str,
+    split: str,
+    split_seed: int,
+    build_options: dict[str, Any],
+) -> None:
+    """Apply the split protocol to a pool and write the canonical directory."""
+    indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, name)
+    write_dataset(
+        directory,
+        name=name,
+        version=version,
+        classes=pool.classes,
+        splits={key: pool.arrays.take(idx) for key, idx in indices.items()},
+        split_protocol=split,
+        split_seed=split_seed if split == "midas70" else None,
+        build_options=build_options,
+        modality_kinds=pool.modality_kinds,
+        description=description,
+    )
+
+
+def resolve_dataset(
+    name: str | None,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
+    split: str = "midas70",
+    split_seed: int = 2,
+    options: dict[str, Any] | None = None,
+) -> Path:
+    """Where the dataset of a run lives, building it first if it is a registered offline dataset.
+
+    Resolution order: an explicit ``path``; a registered builder ``name``; an imported dataset
+    ``<root>/<name>`` (written by ``midasbench data import``).
+    """
+    if path is not None:
+        read_manifest(path)
+        return Path(path)
+    if name is None:
+        raise DatasetFormatError("data: set either data.name or data.path")
+    if name in DATASETS:
+        return build_dataset(name, root=root, split=split, split_seed=split_seed, options=options)
+    data_root = Path(root) if root else default_data_root()
+    imported = data_root / name
+    if (imported / MANIFEST_NAME).is_file():
+        return imported
+    raise DatasetFormatError(
+        f"data.name: unknown dataset {name!r}: it is not a registered builder "
+        f"({', '.join(DATASETS.names())}) and {imported} holds no imported dataset "
+        "(see `midasbench data import --help`)"
+    )

@@ -1,0 +1,423 @@
+"""The canonical on-disk dataset format: ``manifest.json`` plus one Arrow IPC file per split.
+
+Layout of a dataset directory::
+
+    <dir>/manifest.json      name, version, modalities (dtype, shape), classes, split protocol and seed,
+                             per-split row counts and id hashes, subsets, content hash
+    <dir>/train.arrow        columns: sample_id (string), label (int64), one fixed-shape tensor column per
+    <dir>/val.arrow          modality, and optional boolean ``subset:<name>`` columns (ground-truth masks)
+    <dir>/test.arrow
+
+Arrow IPC files are written uncompressed so that reading is a memory map with zero-copy views into torch
+(stack.md §4: 3-6 GB/s warm, against 1.2 GB/s for Parquet decode). Writes are atomic: everything goes to a
+hidden temporary sibling directory, ``manifest.json`` is written last, and the directory is renamed into
+place; a crash leaves no directory that reads as complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLIT_NAMES = ("train", "val", "test")
+SUBSET_PREFIX = "subset:"
+ID_COLUMN = "sample_id"
+LABEL_COLUMN = "label"
+
+
+class DatasetFormatError(ValueError):
+    """A dataset directory or its input is malformed; the message names the file and field."""
+
+
+class ModalitySpec(BaseModel):
+    """One modality's per-sample tensor: dtype (numpy name) and shape, plus a free-form kind."""
+
+    model_config = ConfigDict(extra="forbid")
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str = "tensor"
+
+
+class SplitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    rows: int
+    ids_sha256: str
+
+
+class Manifest(BaseModel):
+    """Everything needed to know what a dataset directory holds, and to detect if it changed."""
+
+    model_config = ConfigDict(extra="forbid")
+    format_version: int = FORMAT_VERSION
+    name: str
+    version: str
+    description: str = ""
+    modalities: dict[str, ModalitySpec]
+    classes: list[str]
+    split_protocol: str
+    split_seed: int | None
+    splits: dict[str, SplitInfo]
+    subsets: list[str] = []
+    build_options: dict[str, Any] = {}
+    content_sha256: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def modality_names(self) -> list[str]:
+        return list(self.modalities)
+
+
+@dataclass
+class SplitArrays:
+    """One split held in memory, ready to be written: row ``i`` of every array is sample ``ids[i]``."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    modalities: dict[str, np.ndarray]
+    subsets: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ids = np.asarray(self.ids).astype(str)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = len(self.ids)
+        if self.labels.shape != (n,):
+            raise DatasetFormatError(f"labels have shape {self.labels.shape}, expected ({n},) to match the ids")
+        # a scalar per sample is stored as a shape-(1,) tensor
+        self.modalities = {k: (v[:, None] if v.ndim == 1 else v) for k, v in self.modalities.items()}
+        for name, arr in self.modalities.items():
+            if arr.shape[0] != n:
+                raise DatasetFormatError(f"modality {name!r} has {arr.shape[0]} rows, expected {n}")
+        for name, arr in self.subsets.items():
+            if np.asarray(arr).shape != (n,):
+                raise DatasetFormatError(f"subset {name!r} has shape {np.shape(arr)}, expected ({n},)")
+
+    def take(self, index: np.ndarray) -> SplitArrays:
+        return SplitArrays(
+            ids=self.ids[index],
+            labels=self.labels[index],
+            modalities={k: v[index] for k, v in self.modalities.items()},
+            subsets={k: np.asarray(v)[index] for k, v in self.subsets.items()},
+        )
+
+
+def hash_ids(ids: Sequence[str] | np.ndarray) -> str:
+    """sha256 of the newline-joined sample ids: identifies a split's membership and order."""
+    digest = hashlib.sha256()
+    for sample_id in ids:
+        digest.update(str(sample_id).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _update_content_hash(digest: Any, split: str, arrays: SplitArrays, modality_order: Sequence[str]) -> None:
+    """Logical content hash (independent of Arrow's byte layout): split, ids, labels, tensors, subsets."""
+    digest.update(f"split={split};rows={len(arrays.ids)}\n".encode())
+    digest.update(hash_ids(arrays.ids).encode())
+    digest.update(np.ascontiguousarray(arrays.labels, dtype="<i8").tobytes())
+    for name in modality_order:
+        arr = np.ascontiguousarray(arrays.modalities[name])
+        digest.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+        digest.update(memoryview(arr).cast("B"))
+    for name in sorted(arrays.subsets):
+        digest.update(f"subset={name}".encode())
+        digest.update(np.asarray(arrays.subsets[name], dtype=bool).tobytes())
+
+
+def _tensor_array(arr: np.ndarray) -> pa.ExtensionArray:
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
+
+
+def _schema(specs: Mapping[str, ModalitySpec], subset_names: Sequence[str]) -> pa.Schema:
+    fields = [pa.field(ID_COLUMN, pa.string()), pa.field(LABEL_COLUMN, pa.int64())]
+    for name, spec in specs.items():
+        value_type = pa.from_numpy_dtype(np.dtype(spec.dtype))
+        fields.append(pa.field(name, pa.fixed_shape_tensor(value_type, list(spec.shape))))
+    fields += [pa.field(SUBSET_PREFIX + name, pa.bool_()) for name in subset_names]
+    return pa.schema(fields)
+
+
+def _record_batch(arrays: SplitArrays, schema: pa.Schema, modality_order: Sequence[str]) -> pa.RecordBatch:
+    columns: list[pa.Array] = [
+        pa.array(arrays.ids, type=pa.string()),
+        pa.array(arrays.labels, type=pa.int64()),
+    ]
+    columns += [_tensor_array(arrays.modalities[name]) for name in modality_order]
+    columns += [pa.array(np.asarray(arrays.subsets[name], dtype=bool)) for name in sorted(arrays.subsets)]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _modality_specs(
+    split: SplitArrays, kinds: Mapping[str, str] | None
+) -> dict[str, ModalitySpec]:
+    kinds = kinds or {}
+    specs = {}
+    for name, arr in split.modalities.items():
+        shape = tuple(int(s) for s in arr.shape[1:])
+        specs[name] = ModalitySpec(dtype=arr.dtype.name, shape=shape, kind=kinds.get(name, "tensor"))
+    return specs
+
+
+def write_dataset(
+    directory: str | os.PathLike[str],
+    *,
+    name: str,
+    version: str,
+    classes: Sequence[str],
+    splits: Mapping[str, SplitArrays],
+    split_protocol: str,
+    split_seed: int | None,
+    build_options: Mapping[str, Any] | None = None,
+    modality_kinds: Mapping[str, str] | None = None,
+    description: str = "",
+    chunk_rows: int = 65536,
+) -> Manifest:
+    """Write a dataset directory atomically and return its manifest.
+
+    The directory is first written under a hidden temporary sibling name; ``manifest.json`` is written
+    last and the directory is then renamed into place (replacing an older version, if any). A crash at
+    any point leaves either the old dataset or nothing under ``directory``.
+    """
+    target = Path(directory)
+    missing = [s for s in SPLIT_NAMES if s not in splits]
+    if missing:
+        raise DatasetFormatError(f"dataset {name!r}: splits {missing} are missing; need {list(SPLIT_NAMES)}")
+    first = splits["train"]
+    specs = _modality_specs(first, modality_kinds)
+    modality_order = list(specs)
+    subset_names = sorted(first.subsets)
+    schema = _schema(specs, subset_names)
+    for split_name, arrays in splits.items():
+        other = _modality_specs(arrays, modality_kinds)
+        if {k: (v.dtype, v.shape) for k, v in other.items()} != {
+            k: (v.dtype, v.shape) for k, v in specs.items()
+        }:
+            raise DatasetFormatError(
+                f"dataset {name!r}: split {split_name!r} has modalities {other}, expected {specs}"
+            )
+        if sorted(arrays.subsets) != subset_names:
+            raise DatasetFormatError(f"dataset {name!r}: split {split_name!r} has different subsets")
+        if len(arrays.labels) and (arrays.labels.min() < 0 or arrays.labels.max() >= len(classes)):
+            raise DatasetFormatError(
+                f"dataset {name!r}: split {split_name!r} has labels outside 0..{len(classes) - 1}"
+            )
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        digest = hashlib.sha256()
+        infos: dict[str, SplitInfo] = {}
+        for split_name in SPLIT_NAMES:
+            arrays = splits[split_name]
+            file_name = f"{split_name}.arrow"
+            with pa.OSFile(str(tmp / file_name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for start in range(0, max(len(arrays.ids), 1), chunk_rows):
+                    chunk = arrays.take(np.arange(start, min(start + chunk_rows, len(arrays.ids))))
+                    if len(chunk.ids):
+                        writer.write_batch(_record_batch(chunk, schema, modality_order))
+            _fsync(tmp / file_name)
+            _update_content_hash(digest, split_name, arrays, modality_order)
+            infos[split_name] = SplitInfo(file=file_name, rows=len(arrays.ids), ids_sha256=hash_ids(arrays.ids))
+        manifest = Manifest(
+            name=name,
+            version=version,
+            description=description,
+            modalities=specs,
+            classes=list(classes),
+            split_protocol=split_protocol,
+            split_seed=split_seed,
+            splits=infos,
+            subsets=subset_names,
+            build_options=dict(build_options or {}),
+            content_sha256=digest.hexdigest(),
+        )
+        manifest_path = tmp / MANIFEST_NAME
+        manifest_path.write_text(manifest.model_dump_json(indent=2))
+        _fsync(manifest_path)
+        _replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``; an existing ``target`` is moved aside first, then removed."""
+    trash = None
+    if target.exists():
+        trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, trash)
+    os.replace(source, target)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``manifest.json``; a directory without one is incomplete and is refused."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise DatasetFormatError(
+            f"{path}: not found; {directory} is not a complete midasbench dataset "
+            "(was it written by an interrupted build? rebuild it)"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise DatasetFormatError(
+            f"{path}: field 'format_version' is {raw.get('format_version')!r}, this midasbench reads "
+            f"{FORMAT_VERSION}"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except Exception as exc:
+        raise DatasetFormatError(f"{path}: invalid manifest: {exc}") from exc
+
+
+class TensorColumn:
+    """A modality column as zero-copy numpy views over the memory-mapped Arrow chunks.
+
+    ``gather`` copies only the requested rows; rows are looked up chunk by chunk so that datasets written
+    in several record batches still read without materialising the whole column.
+    """
+
+    def __init__(self, chunks: list[np.ndarray]) -> None:
+        self.chunks = chunks
+        sizes = [len(c) for c in chunks]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def gather(self, index: np.ndarray) -> np.ndarray:
+        if len(self.chunks) == 1:
+            return self.chunks[0][index]
+        which = np.searchsorted(self.offsets, index, side="right") - 1
+        first = self.chunks[0]
+        out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
+        for chunk_id in np.unique(which):
+            rows = np.nonzero(which == chunk_id)[0]
+            out[rows] = self.chunks[chunk_id][index[rows] - self.offsets[chunk_id]]
+        return out
+
+    def to_numpy(self) -> np.ndarray:
+        """The whole column; zero-copy when it is one chunk (read-only memory map)."""
+        if len(self.chunks) == 1:
+            return self.chunks[0]
+        return np.concatenate(self.chunks)
+
+
+class SplitData:
+    """One split of a dataset, memory-mapped: ids, labels, per-modality tensor columns, subset masks."""
+
+    def __init__(self, path: Path, manifest: Manifest, split: str) -> None:
+        self.path = path
+        self.split = split
+        source = pa.memory_map(str(path), "r")
+        try:
+            table = pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid as exc:
+            raise DatasetFormatError(f"{path}: not a readable Arrow IPC file ({exc})") from exc
+        expected = manifest.splits[split].rows
+        if table.num_rows != expected:
+            raise DatasetFormatError(
+                f"{path}: has {table.num_rows} rows but manifest field splits.{split}.rows says {expected}"
+            )
+        for column in [ID_COLUMN, LABEL_COLUMN, *manifest.modalities]:
+            if column not in table.column_names:
+                raise DatasetFormatError(f"{path}: column {column!r} is missing")
+        self.ids = np.asarray(table.column(ID_COLUMN).to_pylist(), dtype=str)
+        self.labels = table.column(LABEL_COLUMN).to_numpy()
+        self.columns: dict[str, TensorColumn] = {}
+        for name, spec in manifest.modalities.items():
+            views = [_chunk_view(chunk, spec, path, name) for chunk in table.column(name).chunks]
+            if not views:
+                views = [np.empty((0, *spec.shape), dtype=spec.dtype)]
+            self.columns[name] = TensorColumn(views)
+        self.subsets = {
+            name: table.column(SUBSET_PREFIX + name).to_numpy(zero_copy_only=False).astype(bool)
+            for name in manifest.subsets
+        }
+        self._source = source  # keeps the memory map alive as long as the views
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _chunk_view(chunk: pa.Array, spec: ModalitySpec, path: Path, name: str) -> np.ndarray:
+    storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    values = storage.flatten().to_numpy(zero_copy_only=True)
+    if values.dtype != np.dtype(spec.dtype):
+        raise DatasetFormatError(
+            f"{path}: column {name!r} holds {values.dtype}, manifest says {spec.dtype}"
+        )
+    return values.reshape(len(chunk), *spec.shape)
+
+
+class ArrowDataset:
+    """A complete dataset directory: its manifest and its three splits (opened lazily)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self._splits: dict[str, SplitData] = {}
+
+    def split(self, name: str) -> SplitData:
+        if name not in self.manifest.splits:
+            raise DatasetFormatError(f"{self.directory}: no split {name!r}; has {list(self.manifest.splits)}")
+        if name not in self._splits:
+            info = self.manifest.splits[name]
+            self._splits[name] = SplitData(self.directory / info.file, self.manifest, name)
+        return self._splits[name]
+
+    def verify(self) -> None:
+        """Recompute the content hash from the files and compare it with the manifest."""
+        digest = hashlib.sha256()
+        for split_name in SPLIT_NAMES:
+            data = self.split(split_name)
+            arrays = SplitArrays(
+                ids=data.ids,
+                labels=data.labels,
+                modalities={k: v.to_numpy() for k, v in data.columns.items()},
+                subsets=data.subsets,
+            )
+            if hash_ids(data.ids) != self.manifest.splits[split_name].ids_sha256:
+                raise DatasetFormatError(f"{data.path}: sample ids do not match manifest splits.{split_name}")
+            _update_content_hash(digest, split_name, arrays, list(self.manifest.modalities))
+        if digest.hexdigest() != self.manifest.content_sha256:
+            raise DatasetFormatError(
+                f"{self.directory / MANIFEST_NAME}: field 'content_sha256' does not match the data files"
+            )
+
+
+def as_torch(array: np.ndarray) -> Any:
+    """``torch.from_numpy`` without the read-only warning: memory-mapped views are never written to."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
