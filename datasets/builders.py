@@ -102,7 +102,9 @@ def build_dataset(
     """Build (or reuse) the canonical directory of a registered dataset and return its path."""
     builder_cls = DATASETS.get(name)
     parsed = builder_cls.parse_options(options)
-    directory = dataset_directory(Path(root) if root else default_data_root(), name, split, split_seed, parsed)
+    directory = dataset_directory(
+        Path(root) if root else default_data_root(), name, split, split_seed, parsed
+    )
     if not force and (directory / MANIFEST_NAME).is_file():
         read_manifest(directory)  # a complete, readable dataset: reuse it
         return directory

@@ -99,7 +99,9 @@ class SplitArrays:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         n = len(self.ids)
         if self.labels.shape != (n,):
-            raise DatasetFormatError(f"labels have shape {self.labels.shape}, expected ({n},) to match the ids")
+            raise DatasetFormatError(
+                f"labels have shape {self.labels.shape}, expected ({n},) to match the ids"
+            )
         # a scalar per sample is stored as a shape-(1,) tensor
         self.modalities = {k: (v[:, None] if v.ndim == 1 else v) for k, v in self.modalities.items()}
         for name, arr in self.modalities.items():
@@ -164,9 +166,7 @@ def _record_batch(arrays: SplitArrays, schema: pa.Schema, modality_order: Sequen
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def _modality_specs(
-    split: SplitArrays, kinds: Mapping[str, str] | None
-) -> dict[str, ModalitySpec]:
+def _modality_specs(split: SplitArrays, kinds: Mapping[str, str] | None) -> dict[str, ModalitySpec]:
     kinds = kinds or {}
     specs = {}
     for name, arr in split.modalities.items():
@@ -235,7 +235,9 @@ def write_dataset(
                         writer.write_batch(_record_batch(chunk, schema, modality_order))
             _fsync(tmp / file_name)
             _update_content_hash(digest, split_name, arrays, modality_order)
-            infos[split_name] = SplitInfo(file=file_name, rows=len(arrays.ids), ids_sha256=hash_ids(arrays.ids))
+            infos[split_name] = SplitInfo(
+                file=file_name, rows=len(arrays.ids), ids_sha256=hash_ids(arrays.ids)
+            )
         manifest = Manifest(
             name=name,
             version=version,
@@ -372,9 +374,7 @@ def _chunk_view(chunk: pa.Array, spec: ModalitySpec, path: Path, name: str) -> n
     storage = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
     values = storage.flatten().to_numpy(zero_copy_only=True)
     if values.dtype != np.dtype(spec.dtype):
-        raise DatasetFormatError(
-            f"{path}: column {name!r} holds {values.dtype}, manifest says {spec.dtype}"
-        )
+        raise DatasetFormatError(f"{path}: column {name!r} holds {values.dtype}, manifest says {spec.dtype}")
     return values.reshape(len(chunk), *spec.shape)
 
 

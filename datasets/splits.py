@@ -44,7 +44,9 @@ def official_indices(official_split: np.ndarray | None, dataset: str) -> dict[st
     official_split = np.asarray(official_split).astype(str)
     unknown = sorted(set(official_split) - set(SPLIT_NAMES))
     if unknown:
-        raise DatasetFormatError(f"dataset {dataset!r}: unknown split names {unknown}; allowed {list(SPLIT_NAMES)}")
+        raise DatasetFormatError(
+            f"dataset {dataset!r}: unknown split names {unknown}; allowed {list(SPLIT_NAMES)}"
+        )
     out = {name: np.nonzero(official_split == name)[0] for name in SPLIT_NAMES}
     empty = [name for name, idx in out.items() if len(idx) == 0]
     if empty:

@@ -102,7 +102,9 @@ def generate_split(options: SyntheticOptions, split_id: int, size: int) -> Split
         dropped = event < spec.drop
         flipped = (event >= spec.drop) & (event < spec.drop + spec.flip)
         shown = labels.copy()
-        shown[flipped] = (labels[flipped] + rng.integers(1, num_classes, size=int(flipped.sum()))) % num_classes
+        shown[flipped] = (
+            labels[flipped] + rng.integers(1, num_classes, size=int(flipped.sum()))
+        ) % num_classes
         signal = means[shown]
         signal[dropped] = 0.0
         x = signal + rng.standard_normal((size, spec.dim))

@@ -1,0 +1,246 @@
+"""The ``midasbench`` command line.
+
+Exit codes scripts can trust: 0 success; 2 bad usage, configuration or input data (nothing was run);
+1 a run failed; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return EXIT_OK
+    from .tracking import resolve_tracking_uri
+    from .trainer import train
+
+    result = train(cfg)
+    test = result.test
+    print(
+        f"{result.method}: best epoch {result.best_epoch} (val acc {result.best_val['acc']:.4f}); "
+        f"test acc {test['acc']:.4f}, macro-F1 {test['macro_f1']:.4f}"
+    )
+    if result.run_id:
+        print(
+            f"MLflow run {result.run_id} in {resolve_tracking_uri(cfg.tracking.uri)} "
+            f"(experiment {cfg.tracking.experiment!r})"
+        )
+    return EXIT_OK
+
+
+def _parse_options(pairs: Sequence[str]) -> dict:
+    from .config import apply_overrides
+
+    return apply_overrides({}, list(pairs))
+
+
+def _cmd_data_build(args: argparse.Namespace) -> int:
+    from midasbench.datasets import ArrowDataset, build_dataset
+
+    path = build_dataset(
+        args.name,
+        root=args.root,
+        split=args.split,
+        split_seed=args.split_seed,
+        options=_parse_options(args.options),
+        force=args.force,
+    )
+    _print_manifest(ArrowDataset(path))
+    return EXIT_OK
+
+
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    from midasbench.datasets import ArrowDataset
+    from midasbench.datasets.importer import import_folder
+
+    path = import_folder(
+        Path(args.folder),
+        name=args.name,
+        root=Path(args.root) if args.root else None,
+        out=Path(args.out) if args.out else None,
+        split=args.split,
+        split_seed=args.split_seed,
+    )
+    _print_manifest(ArrowDataset(path))
+    return EXIT_OK
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from midasbench.datasets import ArrowDataset
+
+    dataset = ArrowDataset(args.path)
+    if args.verify:
+        dataset.verify()
+        print("content hash verified")
+    _print_manifest(dataset)
+    return EXIT_OK
+
+
+def _print_manifest(dataset: object) -> None:
+    m = dataset.manifest  # type: ignore[attr-defined]
+    print(f"{dataset.directory}")  # type: ignore[attr-defined]
+    print(
+        f"  dataset  {m.name} v{m.version}: {len(m.classes)} classes; split {m.split_protocol}"
+        + (f" (split_seed {m.split_seed})" if m.split_seed is not None else "")
+    )
+    for name, spec in m.modalities.items():
+        print(f"  modality {name}: {spec.dtype}{list(spec.shape)} ({spec.kind})")
+    print("  rows     " + ", ".join(f"{k} {v.rows}" for k, v in m.splits.items()))
+    if m.subsets:
+        print(f"  subsets  {', '.join(m.subsets)}")
+    print(f"  sha256   {m.content_sha256}")
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    what = args.what
+    if what == "methods":
+        from midasbench.methods import METHODS
+
+        rows = [
+            (n, f"[{c.fidelity}] {(c.__doc__ or '').strip().splitlines()[0]}") for n, c in METHODS.items()
+        ]
+    elif what == "datasets":
+        from midasbench.datasets import DATASETS
+
+        rows = [(n, c.description) for n, c in DATASETS.items()]
+    elif what == "encoders":
+        from .encoders import ENCODERS
+
+        rows = [(n, e.description) for n, e in ENCODERS.items()]
+    elif what == "fusions":
+        from .fusion import FUSIONS
+
+        rows = [(n, e.description) for n, e in FUSIONS.items()]
+    else:
+        from .config import load_preset, preset_names
+
+        rows = [(n, str(load_preset(n).get("data", {}).get("name", ""))) for n in preset_names()]
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, text in rows:
+        print(f"{name:<{width}}  {text}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(
+        seeds=args.seeds, experiment=args.experiment, overrides=args.overrides, use_ray=not args.no_ray
+    )
+    print()
+    print(result.table)
+    print()
+    print(
+        f"{result.runs} runs in {result.seconds:.0f} s; "
+        f"see them with: mlflow ui --backend-store-uri {result.tracking_uri}"
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from midasbench.datasets.splits import SPLIT_PROTOCOLS
+
+    parser = argparse.ArgumentParser(
+        prog="midasbench",
+        description="Benchmark imbalanced multimodal learning methods (MIDAS and baselines), "
+        "tracked in MLflow.",
+        epilog="Exit codes: 0 ok, 1 run failed, 2 bad usage/config/data, 130 interrupted.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train one run from a config file or preset",
+        description="Train one run. CONFIG is a YAML file or a preset name "
+        "(`midasbench list presets`); KEY=VALUE pairs override it, e.g. train.epochs=5 "
+        "method.name=unimodal method.params.modality=weak.",
+    )
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_cmd_train)
+
+    data = sub.add_parser("data", help="build, import or inspect datasets").add_subparsers(
+        dest="data_command", required=True, metavar="ACTION"
+    )
+    p = data.add_parser("build", help="build a registered offline dataset into the canonical format")
+    p.add_argument("name")
+    p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="builder options, e.g. audio_snr_db=0")
+    p.add_argument("--split", choices=SPLIT_PROTOCOLS, default="midas70")
+    p.add_argument("--split-seed", type=int, default=2)
+    p.add_argument("--root", help="data root (default $MIDASBENCH_DATA or ~/.cache/midasbench/data)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a complete copy exists")
+    p.set_defaults(func=_cmd_data_build)
+
+    p = data.add_parser(
+        "import", help="import your own data (labels.csv + one .npy/.parquet/folder per modality)"
+    )
+    p.add_argument("folder")
+    p.add_argument("--name", required=True, help="dataset name; train with data.name=NAME")
+    p.add_argument("--split", choices=SPLIT_PROTOCOLS, default="midas70")
+    p.add_argument("--split-seed", type=int, default=2)
+    p.add_argument("--root", help="data root to import into (default as for build)")
+    p.add_argument("--out", help="exact output directory (overrides --root)")
+    p.set_defaults(func=_cmd_data_import)
+
+    p = data.add_parser("info", help="describe a dataset directory")
+    p.add_argument("path")
+    p.add_argument("--verify", action="store_true", help="recompute the content hash")
+    p.set_defaults(func=_cmd_data_info)
+
+    p = sub.add_parser("list", help="list registered methods, datasets, encoders, fusions or presets")
+    p.add_argument("what", choices=["methods", "datasets", "encoders", "fusions", "presets"])
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("demo", help="joint vs unimodal baselines on offline data, 3 seeds, then the table")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--experiment", default="midasbench-demo")
+    p.add_argument("--no-ray", action="store_true", help="run the trials one after another in this process")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from midasbench.datasets.format import DatasetFormatError
+
+    from .errors import ConfigError
+    from .registry import UnknownEntryError
+
+    try:
+        return int(args.func(args))
+    except (ConfigError, DatasetFormatError, UnknownEntryError) as exc:
+        print(f"midasbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("midasbench: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a run failed: say what, keep the traceback for --debug users
+        if os.environ.get("MIDASBENCH_DEBUG"):
+            raise
+        print(
+            f"midasbench: run failed: {type(exc).__name__}: {exc} (set MIDASBENCH_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

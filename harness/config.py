@@ -1,0 +1,243 @@
+"""Typed run configuration: YAML files, presets, dotted ``key=value`` overrides, validation up front.
+
+One ``RunConfig`` fully describes a run (dataset and split, seeds, encoders, fusion, method and its
+hyperparameters, optimiser, schedule, epochs, batch size, device, tracking). Unknown keys, wrong types
+and out-of-range values are rejected before any work starts, with the dotted key and the allowed values
+in the message. Registry-backed sections (``method.params``, ``model.encoders.<m>.params``,
+``model.fusion.params``) are validated against the entry's own schema and stored with defaults filled
+in, so the saved resolved config reproduces the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+from .params import describe_validation_error
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Which dataset, built how, split how. ``split_seed`` is independent of the init seed."""
+
+    name: str | None = "synthetic"
+    path: str | None = None
+    root: str | None = None
+    split: Literal["official", "midas70"] = "midas70"
+    split_seed: int = Field(default=2, ge=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ComponentConfig(_Section):
+    """A registry entry by name plus its parameters (validated by the entry's own schema)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Section):
+    encoders: dict[str, ComponentConfig] = Field(default_factory=dict)
+    default_encoder: ComponentConfig | None = Field(
+        default_factory=lambda: ComponentConfig(name="mlp"),
+        description="used for every modality not listed under encoders; null to require one per modality",
+    )
+    fusion: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="concat"))
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(default=1e-3, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+
+
+class SchedulerConfig(_Section):
+    name: Literal["step", "cosine", "none"] = "step"
+    step_size: int = Field(default=50, ge=1)
+    gamma: float = Field(default=0.1, gt=0, le=1)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=70, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    eval_batch_size: int = Field(default=512, ge=1)
+    seed: int = Field(default=0, ge=0, description="init seed: weights, batch order, augmentation")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(default=True, description="bf16 autocast on GPU; ignored on CPU")
+    num_threads: int | None = Field(default=None, ge=1)
+    deterministic: bool = True
+    grad_clip: float | None = Field(default=None, gt=0)
+    progress: bool | Literal["auto"] = Field(default="auto", description="progress bar; auto = on a terminal")
+    checkpoint_dir: str | None = None
+    resume: bool = True
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(
+        default=None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+    )
+    experiment: str = "midasbench"
+    run_name: str | None = None
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class RunConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="joint"))
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _validate_registry_entries(self) -> RunConfig:
+        from .registries import resolve_component_params
+
+        resolve_component_params(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(
+        self,
+        exclude: tuple[str, ...] = ("tracking", "train.progress", "train.checkpoint_dir", "train.resume"),
+    ) -> str:
+        """A short hash of everything that determines the run's numbers (not where it logs)."""
+        data = self.to_dict()
+        for key in exclude:
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            node.pop(leaf, None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("midasbench.harness") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = resources.files("midasbench.harness") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset: unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+    return _load_yaml_text(path.read_text(), f"preset {name}")
+
+
+def _load_yaml_text(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` wins; nested mappings merge key by key (lists and scalars are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_presets(data: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config may name ``preset: NAME``; the preset is merged underneath it (presets may chain)."""
+    preset = data.pop("preset", None)
+    if preset is None:
+        return data
+    if not isinstance(preset, str):
+        raise ConfigError(f"{source}: key 'preset' must be a preset name, got {preset!r}")
+    if preset in seen:
+        raise ConfigError(f"{source}: presets form a cycle: {' -> '.join((*seen, preset))}")
+    base = _resolve_presets(load_preset(preset), f"preset {preset}", (*seen, preset))
+    return deep_merge(base, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value``; the value is parsed as YAML, so ``0.1``, ``true``, ``[1, 2]`` and ``null`` work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from a YAML path or a preset name, apply presets and overrides, validate."""
+    if config is None:
+        data: dict[str, Any] = {}
+        source = "defaults"
+    else:
+        path = Path(config)
+        if path.is_file():
+            data = _load_yaml_text(path.read_text(), str(path))
+            source = str(path)
+        elif path.suffix in {".yaml", ".yml"} or "/" in str(config):
+            raise ConfigError(f"{config}: no such config file")
+        else:
+            data = {"preset": str(config)}
+            source = f"preset {config}"
+    data = _resolve_presets(data, source)
+    data = apply_overrides(data, overrides or [])
+    if "preset" in data:
+        raise ConfigError(f"{source}: 'preset' can only be set in a config file, not as an override")
+    return build_config(data, source)

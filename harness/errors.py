@@ -1,0 +1,5 @@
+"""Error types that the CLI turns into clear messages and exit codes."""
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value is wrong; the message names the key and what is allowed."""
