@@ -105,6 +105,10 @@ class SplitArrays:
         # a scalar per sample is stored as a shape-(1,) tensor
         self.modalities = {k: (v[:, None] if v.ndim == 1 else v) for k, v in self.modalities.items()}
         for name, arr in self.modalities.items():
+            if arr.dtype == np.bool_ or arr.dtype.kind not in "biuf":
+                raise DatasetFormatError(
+                    f"modality {name!r} has dtype {arr.dtype}; store numbers (bool as uint8)"
+                )
             if arr.shape[0] != n:
                 raise DatasetFormatError(f"modality {name!r} has {arr.shape[0]} rows, expected {n}")
         for name, arr in self.subsets.items():
@@ -187,13 +191,16 @@ def write_dataset(
     build_options: Mapping[str, Any] | None = None,
     modality_kinds: Mapping[str, str] | None = None,
     description: str = "",
-    chunk_rows: int = 65536,
+    chunk_rows: int | None = None,
 ) -> Manifest:
     """Write a dataset directory atomically and return its manifest.
 
     The directory is first written under a hidden temporary sibling name; ``manifest.json`` is written
     last and the directory is then renamed into place (replacing an older version, if any). A crash at
     any point leaves either the old dataset or nothing under ``directory``.
+
+    By default each split is one record batch: a single chunk per column makes a batch gather one
+    ``np.take`` (multi-chunk gathers pay per-chunk overhead; benchmarks/bench_arrow_gather.py).
     """
     target = Path(directory)
     missing = [s for s in SPLIT_NAMES if s not in splits]
@@ -228,11 +235,12 @@ def write_dataset(
         for split_name in SPLIT_NAMES:
             arrays = splits[split_name]
             file_name = f"{split_name}.arrow"
+            rows = len(arrays.ids)
+            step = chunk_rows or max(rows, 1)
             with pa.OSFile(str(tmp / file_name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                for start in range(0, max(len(arrays.ids), 1), chunk_rows):
-                    chunk = arrays.take(np.arange(start, min(start + chunk_rows, len(arrays.ids))))
-                    if len(chunk.ids):
-                        writer.write_batch(_record_batch(chunk, schema, modality_order))
+                for start in range(0, rows, step):
+                    chunk = arrays if step >= rows else arrays.take(np.arange(start, min(start + step, rows)))
+                    writer.write_batch(_record_batch(chunk, schema, modality_order))
             _fsync(tmp / file_name)
             _update_content_hash(digest, split_name, arrays, modality_order)
             infos[split_name] = SplitInfo(
@@ -317,7 +325,7 @@ class TensorColumn:
 
     def gather(self, index: np.ndarray) -> np.ndarray:
         if len(self.chunks) == 1:
-            return self.chunks[0][index]
+            return np.take(self.chunks[0], index, axis=0)
         which = np.searchsorted(self.offsets, index, side="right") - 1
         first = self.chunks[0]
         out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
@@ -418,6 +426,8 @@ def as_torch(array: np.ndarray) -> Any:
     """``torch.from_numpy`` without the read-only warning: memory-mapped views are never written to."""
     import torch
 
+    if array.flags.writeable:  # gathered batches are private copies
+        return torch.from_numpy(array)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)

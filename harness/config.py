@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -181,6 +182,9 @@ def _resolve_presets(data: dict[str, Any], source: str, seen: tuple[str, ...] = 
     return deep_merge(base, data)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value``; the value is parsed as YAML, so ``0.1``, ``true``, ``[1, 2]`` and ``null`` work."""
     if "=" not in text:
@@ -193,6 +197,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-2" (no dot) as a string
     return parts, value
 
 

@@ -1,0 +1,567 @@
+"""Bring your own data: turn a plain folder of labels and arrays into a canonical midasbench dataset.
+
+Input folder layout
+-------------------
+::
+
+    my_data/
+        labels.csv          required: one row per sample
+        classes.txt         optional: class names, one per line, in class-index order
+        audio.npy           a modality as one array, one row per labels.csv row (same order)
+        text.parquet        a modality as a Parquet table with columns ``id`` and ``value``
+        image/              a modality as one ``<id>.npy`` file per sample
+            a001.npy
+            a002.npy
+            ...
+
+``labels.csv``
+    A header row, then one row per sample. Columns (others are ignored):
+
+    - ``id`` (required): the sample id, unique, non-empty (surrounding spaces are stripped).
+    - ``label`` (required): either an integer class index (every label is a non-negative integer) or a
+      class name (any other text). Integer labels name the classes of ``classes.txt`` if it exists, else
+      ``"0"`` .. ``"K-1"`` with ``K = max label + 1``. Class-name labels take the class order of
+      ``classes.txt`` if it exists (every label must then be listed in it), else the sorted unique names.
+    - ``split`` (optional): ``train``, ``val`` or ``test``. Required for ``split="official"``, where it
+      is used as is (each of the three must occur); ignored (but still checked) for ``midas70``.
+
+``classes.txt``
+    Optional. One class name per line; blank lines are skipped; names must be unique. Another file can be
+    given with ``classes_file=``.
+
+Modalities
+    Every other entry of the folder is one modality, named after the file or folder (without extension);
+    ``labels.csv``, ``classes.txt`` and names starting with ``.`` are skipped. At least one is required,
+    and the name must not be ``sample_id``, ``label`` or start with ``subset:``. Three forms:
+
+    - ``<modality>.npy``: an array of shape ``(N, ...)`` with row ``i`` belonging to row ``i`` of
+      ``labels.csv``.
+    - ``<modality>.parquet``: columns ``id`` (string or integer) and ``value`` (a list, fixed-size list or
+      fixed-shape tensor column of numbers). Rows are matched to ``labels.csv`` on ``id``; every label id
+      must be present, rows with other ids are ignored. Every value holds the same number of elements.
+      List values are reshaped to the per-sample shape given as a JSON list under the key ``shape`` of
+      the Parquet schema metadata (e.g. ``{"shape": "[3, 32, 32]"}``), else kept 1-D; a fixed-shape
+      tensor column carries its own shape.
+    - ``<modality>/``: a folder of ``<id>.npy`` files, one per sample id (extra files are ignored). All
+      must have the same shape and dtype. Ids holding a path separator cannot use this form.
+
+    A scalar per sample is stored with shape ``(1,)``.
+
+Stored dtypes
+    ``float64`` is cast to ``float32`` (half the size; training runs in float32 anyway). ``bool`` is
+    stored as ``uint8`` (the reader hands out zero-copy views, which Arrow's bit-packed booleans cannot
+    give). Other integer and float dtypes are kept as they are; anything else (complex, strings,
+    objects, dates) is refused.
+
+Output
+    The canonical directory (``format.py``) at ``out`` if given, else ``<root>/<name>`` with ``root``
+    defaulting to ``$MIDASBENCH_DATA`` or ``~/.cache/midasbench/data`` -- where ``data.name: <name>``
+    finds it. The split protocol (``midas70`` by default, or ``official``) is applied on import. An
+    existing dataset at the target is replaced atomically; a directory there that is not a dataset is
+    never touched.
+
+Every problem with the input raises ``DatasetFormatError`` naming the file and the offending field, row
+or value, and is found before anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .builders import DATASETS, Pool, default_data_root, write_pool
+from .format import (
+    ID_COLUMN,
+    LABEL_COLUMN,
+    MANIFEST_NAME,
+    SPLIT_NAMES,
+    SUBSET_PREFIX,
+    DatasetFormatError,
+    SplitArrays,
+)
+from .splits import SPLIT_PROTOCOLS
+
+LABELS_FILE = "labels.csv"
+CLASSES_FILE = "classes.txt"
+IMPORT_VERSION = "imported-1"
+MIDAS70_MIN = 5  # splits.midas70_indices needs one sample per class in each of its three parts
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class LabelTable:
+    """``labels.csv`` parsed: ids, class indices, class names and the optional official split."""
+
+    path: Path
+    ids: list[str]
+    lines: list[int]
+    labels: np.ndarray
+    classes: list[str]
+    label_kind: str
+    official_split: np.ndarray | None
+    classes_file: str | None
+
+    def where(self, row: int) -> str:
+        return f"{self.path} line {self.lines[row]}"
+
+
+@dataclass
+class LoadedModality:
+    """One modality's array in labels.csv row order, and where it came from (for build_options)."""
+
+    values: np.ndarray
+    source: str
+    form: str
+    source_dtype: str
+
+
+def import_folder(
+    folder: str | os.PathLike[str],
+    *,
+    name: str,
+    root: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    split: str = "midas70",
+    split_seed: int = 2,
+    classes_file: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Validate ``folder`` (layout in the module docstring), write the canonical dataset, return its path.
+
+    Everything is read and checked before the (atomic) write, so a bad input leaves nothing behind.
+    """
+    folder = Path(folder)
+    if not _NAME_RE.match(name):
+        raise DatasetFormatError(
+            f"dataset name {name!r}: use letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if split not in SPLIT_PROTOCOLS:
+        raise DatasetFormatError(f"unknown split protocol {split!r}; allowed {list(SPLIT_PROTOCOLS)}")
+    if out is not None:
+        directory = Path(out)
+    else:
+        if name in DATASETS:
+            raise DatasetFormatError(
+                f"dataset name {name!r} is a registered builder, which data.name would pick instead of "
+                "the imported data; choose another name"
+            )
+        directory = (Path(root) if root is not None else default_data_root()) / name
+    _check_target(directory, folder)
+
+    pool, options = load_folder(folder, classes_file=classes_file, require_split=split == "official")
+    if split == "midas70":
+        _check_midas70(folder / LABELS_FILE, pool)
+    write_pool(
+        pool,
+        directory,
+        name=name,
+        version=IMPORT_VERSION,
+        description=f"imported from {folder}",
+        split=split,
+        split_seed=split_seed,
+        build_options={"source": str(folder.resolve()), **options},
+    )
+    return directory
+
+
+def _check_target(directory: Path, folder: Path) -> None:
+    """Refuse targets whose replacement would destroy something other than an older dataset."""
+    target = directory.resolve()
+    source = folder.resolve()
+    if target == source or source.is_relative_to(target):
+        raise DatasetFormatError(f"output {directory} would replace the input folder {folder}")
+    if directory.exists() and not (directory / MANIFEST_NAME).is_file():
+        raise DatasetFormatError(
+            f"output {directory} exists and is not a midasbench dataset (no {MANIFEST_NAME}); "
+            "refusing to replace it"
+        )
+
+
+def _check_midas70(path: Path, pool: Pool) -> None:
+    """``midas70`` cuts each class three ways; say which class is too small, by name, before writing."""
+    counts = np.bincount(pool.arrays.labels, minlength=len(pool.classes))
+    small = [(name, int(c)) for name, c in zip(pool.classes, counts, strict=True) if 0 < c < MIDAS70_MIN]
+    if small:
+        listed = ", ".join(f"{name!r} has {count}" for name, count in small)
+        raise DatasetFormatError(
+            f"{path}: split 'midas70' needs at least {MIDAS70_MIN} samples per class; {listed} "
+            "(add samples, or give a 'split' column and use split='official')"
+        )
+
+
+def load_folder(
+    folder: str | os.PathLike[str],
+    *,
+    classes_file: str | os.PathLike[str] | None = None,
+    require_split: bool = False,
+) -> tuple[Pool, dict[str, Any]]:
+    """Read and validate an input folder into a ``Pool``; also return a JSON description of its files.
+
+    Separate from the write so that a CLI can offer a dry run, and so every check runs before writing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetFormatError(f"{folder}: not a folder")
+    table = read_labels(folder, classes_file=classes_file, require_split=require_split)
+    reserved = {LABELS_FILE, CLASSES_FILE}
+    if classes_file is not None and Path(classes_file).resolve().parent == folder.resolve():
+        reserved.add(Path(classes_file).name)
+    modalities: dict[str, LoadedModality] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or (entry.name in reserved and entry.is_file()):
+            continue
+        modality, loaded = _load_modality(entry, table)
+        if modality in modalities:
+            raise DatasetFormatError(
+                f"{entry}: modality {modality!r} is also given by {modalities[modality].source}; keep one"
+            )
+        modalities[modality] = loaded
+    if not modalities:
+        raise DatasetFormatError(
+            f"{folder}: no modality found; add <modality>.npy, <modality>.parquet or a <modality>/ folder "
+            f"next to {LABELS_FILE}"
+        )
+    arrays = SplitArrays(
+        ids=np.asarray(table.ids, dtype=str),
+        labels=table.labels,
+        modalities={k: v.values for k, v in modalities.items()},
+    )
+    options: dict[str, Any] = {
+        "labels": {"kind": table.label_kind, "classes_file": table.classes_file},
+        "modalities": {
+            name: {"file": m.source, "form": m.form, "source_dtype": m.source_dtype}
+            for name, m in modalities.items()
+        },
+    }
+    return Pool(classes=table.classes, arrays=arrays, official_split=table.official_split), options
+
+
+def read_labels(
+    folder: Path, *, classes_file: str | os.PathLike[str] | None = None, require_split: bool = False
+) -> LabelTable:
+    """Parse ``labels.csv`` (and the class list) with row-level error messages."""
+    path = folder / LABELS_FILE
+    if not path.is_file():
+        raise DatasetFormatError(
+            f"{path}: not found; an input folder needs {LABELS_FILE} (columns id, label)"
+        )
+    ids: list[str] = []
+    raw_labels: list[str] = []
+    splits: list[str] = []
+    lines: list[int] = []
+    seen: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise DatasetFormatError(f"{path}: empty file; expected a header row with columns id, label")
+        columns = [c.strip() for c in header]
+        for required in ("id", "label"):
+            if required not in columns:
+                raise DatasetFormatError(f"{path}: column {required!r} is missing; header has {columns}")
+        id_col, label_col = columns.index("id"), columns.index("label")
+        split_col = columns.index("split") if "split" in columns else None
+        for record in reader:
+            if not any(cell.strip() for cell in record):
+                continue  # blank line
+            line = reader.line_num
+            if len(record) < len(columns):
+                raise DatasetFormatError(
+                    f"{path} line {line}: has {len(record)} fields, the header has {len(columns)}"
+                )
+            sample_id = record[id_col].strip()
+            label = record[label_col].strip()
+            if not sample_id:
+                raise DatasetFormatError(f"{path} line {line}: field 'id' is empty")
+            if not label:
+                raise DatasetFormatError(f"{path} line {line}: field 'label' is empty (id {sample_id!r})")
+            if sample_id in seen:
+                raise DatasetFormatError(
+                    f"{path} line {line}: duplicate id {sample_id!r} (first on line {seen[sample_id]})"
+                )
+            seen[sample_id] = line
+            if split_col is not None:
+                split_name = record[split_col].strip()
+                if split_name not in SPLIT_NAMES:
+                    raise DatasetFormatError(
+                        f"{path} line {line}: field 'split' is {split_name!r}; allowed {list(SPLIT_NAMES)}"
+                    )
+                splits.append(split_name)
+            ids.append(sample_id)
+            raw_labels.append(label)
+            lines.append(line)
+    if not ids:
+        raise DatasetFormatError(f"{path}: no data rows after the header")
+    if require_split:
+        if split_col is None:
+            raise DatasetFormatError(
+                f"{path}: split 'official' needs a column 'split' (train/val/test); header has {columns}"
+            )
+        empty = [s for s in SPLIT_NAMES if s not in set(splits)]
+        if empty:
+            raise DatasetFormatError(
+                f"{path}: split 'official' needs rows of every split; column 'split' has no {empty} rows"
+            )
+
+    classes_path = Path(classes_file) if classes_file is not None else folder / CLASSES_FILE
+    if classes_file is not None and not classes_path.is_file():
+        raise DatasetFormatError(f"{classes_path}: not found (given as classes_file)")
+    names = _read_classes(classes_path) if classes_path.is_file() else None
+    table = LabelTable(
+        path=path,
+        ids=ids,
+        lines=lines,
+        labels=np.empty(0, dtype=np.int64),
+        classes=[],
+        label_kind="int" if all(_INT_RE.match(v) for v in raw_labels) else "str",
+        official_split=np.asarray(splits, dtype=str) if split_col is not None else None,
+        classes_file=str(classes_path) if names is not None else None,
+    )
+    if table.label_kind == "int":
+        table.labels = np.asarray([int(v) for v in raw_labels], dtype=np.int64)
+        negative = np.nonzero(table.labels < 0)[0]
+        if len(negative):
+            row = int(negative[0])
+            raise DatasetFormatError(
+                f"{table.where(row)}: label {raw_labels[row]!r} is negative; class indices start at 0"
+            )
+        if names is not None:
+            outside = np.nonzero(table.labels >= len(names))[0]
+            if len(outside):
+                row = int(outside[0])
+                raise DatasetFormatError(
+                    f"{table.where(row)}: label {raw_labels[row]!r} is not a class index of {classes_path} "
+                    f"({len(names)} classes, 0..{len(names) - 1})"
+                )
+            table.classes = names
+        else:
+            table.classes = [str(i) for i in range(int(table.labels.max()) + 1)]
+    else:
+        if names is not None:
+            index = {n: i for i, n in enumerate(names)}
+            for row, value in enumerate(raw_labels):
+                if value not in index:
+                    raise DatasetFormatError(
+                        f"{table.where(row)}: label {value!r} is not listed in {classes_path}"
+                    )
+            table.classes = names
+        else:
+            table.classes = sorted(set(raw_labels))
+            index = {n: i for i, n in enumerate(table.classes)}
+        table.labels = np.asarray([index[v] for v in raw_labels], dtype=np.int64)
+    return table
+
+
+def _read_classes(path: Path) -> list[str]:
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        class_name = raw.strip()
+        if not class_name:
+            continue
+        if class_name in seen:
+            raise DatasetFormatError(
+                f"{path} line {number}: duplicate class {class_name!r} (first on line {seen[class_name]})"
+            )
+        seen[class_name] = number
+        names.append(class_name)
+    if not names:
+        raise DatasetFormatError(f"{path}: lists no class names")
+    return names
+
+
+def _load_modality(entry: Path, table: LabelTable) -> tuple[str, LoadedModality]:
+    if entry.is_dir():
+        modality, form = entry.name, "folder"
+        values, source_dtype = _load_folder(entry, table)
+    elif entry.suffix == ".npy":
+        modality, form = entry.stem, "npy"
+        values, source_dtype = _load_npy(entry, table)
+    elif entry.suffix == ".parquet":
+        modality, form = entry.stem, "parquet"
+        values, source_dtype = _load_parquet(entry, table)
+    else:
+        raise DatasetFormatError(
+            f"{entry}: not a modality; expected <modality>.npy, <modality>.parquet or a <modality>/ folder "
+            f"(only {LABELS_FILE}, {CLASSES_FILE} and hidden files may sit beside them)"
+        )
+    if modality in (ID_COLUMN, LABEL_COLUMN) or modality.startswith(SUBSET_PREFIX) or not modality:
+        raise DatasetFormatError(f"{entry}: modality name {modality!r} is reserved; rename the file")
+    return modality, LoadedModality(
+        values=_stored_dtype(values, entry), source=entry.name, form=form, source_dtype=source_dtype
+    )
+
+
+def _stored_dtype(values: np.ndarray, path: Path) -> np.ndarray:
+    """Apply the dtype policy: float64 → float32, bool → uint8, other ints/floats unchanged."""
+    kind = values.dtype.kind
+    if values.dtype == np.float64:
+        return values.astype(np.float32)
+    if kind == "b":
+        return values.astype(np.uint8)
+    if kind in "iuf":
+        return values
+    raise DatasetFormatError(
+        f"{path}: dtype {values.dtype} is not supported; store integers, floats or bools"
+    )
+
+
+def _load_array(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable .npy array ({exc})") from exc
+
+
+def _load_npy(path: Path, table: LabelTable) -> tuple[np.ndarray, str]:
+    values = _load_array(path, mmap=True)
+    if values.ndim == 0 or values.shape[0] != len(table.ids):
+        rows = "a 0-d array" if values.ndim == 0 else f"{values.shape[0]} rows"
+        raise DatasetFormatError(
+            f"{path}: has {rows} but {table.path.name} has {len(table.ids)} rows; row i of the array "
+            f"must be row i of {table.path.name}"
+        )
+    return values, values.dtype.name
+
+
+def _load_folder(folder: Path, table: LabelTable) -> tuple[np.ndarray, str]:
+    out: np.ndarray | None = None
+    first: Path | None = None
+    for row, sample_id in enumerate(table.ids):
+        if sample_id in (".", "..") or "/" in sample_id or os.sep in sample_id:
+            raise DatasetFormatError(
+                f"{table.where(row)}: id {sample_id!r} cannot name a file in {folder}; use "
+                f"{folder.name}.npy or {folder.name}.parquet for this modality"
+            )
+        path = folder / f"{sample_id}.npy"
+        if not path.is_file():
+            raise DatasetFormatError(
+                f"{path}: not found ({table.where(row)}); {folder.name}/ needs one <id>.npy per id"
+            )
+        value = _load_array(path, mmap=False)
+        if out is None or first is None:
+            out = np.empty((len(table.ids), *value.shape), dtype=value.dtype)
+            first = path
+        elif value.shape != out.shape[1:] or value.dtype != out.dtype:
+            raise DatasetFormatError(
+                f"{path}: has shape {value.shape} and dtype {value.dtype}, but {first.name} has shape "
+                f"{out.shape[1:]} and dtype {out.dtype}; every file in {folder.name}/ must match"
+            )
+        out[row] = value
+    assert out is not None  # labels.csv has at least one row
+    return out, out.dtype.name
+
+
+def _load_parquet(path: Path, table: LabelTable) -> tuple[np.ndarray, str]:
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable Parquet file ({exc})") from exc
+    for column in ("id", "value"):
+        if column not in schema.names:
+            raise DatasetFormatError(f"{path}: column {column!r} is missing; columns are {schema.names}")
+    shape = _metadata_shape(path, schema.metadata or {})
+    try:
+        data = pq.read_table(path, columns=["id", "value"])
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable Parquet file ({exc})") from exc
+    id_column = data.column("id")
+    if not (pa.types.is_string(id_column.type) or pa.types.is_large_string(id_column.type)) and not (
+        pa.types.is_integer(id_column.type)
+    ):
+        raise DatasetFormatError(f"{path}: column 'id' has type {id_column.type}; use strings or integers")
+    ids = [None if v is None else str(v) for v in pc.cast(id_column, pa.string()).to_pylist()]
+    values = _parquet_values(path, data.column("value"), ids, shape)
+
+    position: dict[str, int] = {}
+    for row, sample_id in enumerate(ids):
+        if sample_id is None:
+            raise DatasetFormatError(f"{path}: column 'id' is null in row {row}")
+        if sample_id in position:
+            raise DatasetFormatError(
+                f"{path}: duplicate id {sample_id!r} (rows {position[sample_id]} and {row})"
+            )
+        position[sample_id] = row
+    index = np.empty(len(table.ids), dtype=np.int64)
+    for row, sample_id in enumerate(table.ids):
+        found = position.get(sample_id)
+        if found is None:
+            missing = sum(1 for i in table.ids if i not in position)
+            raise DatasetFormatError(
+                f"{path}: id {sample_id!r} ({table.where(row)}) has no row; {missing} label id(s) missing"
+            )
+        index[row] = found
+    return values[index], values.dtype.name
+
+
+def _metadata_shape(path: Path, metadata: dict[bytes, bytes]) -> tuple[int, ...] | None:
+    raw = metadata.get(b"shape")
+    if raw is None:
+        return None
+    try:
+        shape = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(f"{path}: schema metadata 'shape' is not JSON: {raw!r}") from exc
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise DatasetFormatError(
+            f"{path}: schema metadata 'shape' must be a JSON list of positive integers, got {raw.decode()!r}"
+        )
+    return tuple(shape)
+
+
+def _parquet_values(
+    path: Path, column: pa.ChunkedArray, ids: list[str | None], shape: tuple[int, ...] | None
+) -> np.ndarray:
+    """Decode the ``value`` column into an ``(rows, *shape)`` array, checking nulls and element counts."""
+    kind = column.type
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count:
+        row = int(np.nonzero(array.is_null().to_numpy(zero_copy_only=False))[0][0])
+        raise DatasetFormatError(f"{path}: column 'value' is null for id {ids[row]!r}")
+    if isinstance(kind, pa.FixedShapeTensorType):
+        tensor_shape = tuple(int(s) for s in kind.shape)
+        if shape is not None and shape != tensor_shape:
+            raise DatasetFormatError(
+                f"{path}: schema metadata 'shape' {list(shape)} disagrees with column 'value' "
+                f"shape {list(tensor_shape)}"
+            )
+        if array.storage.flatten().null_count:
+            raise DatasetFormatError(f"{path}: column 'value' holds null elements")
+        return array.to_numpy_ndarray()
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+        raise DatasetFormatError(
+            f"{path}: column 'value' has type {kind}; use a list, fixed-size list or fixed-shape tensor"
+        )
+    element = kind.value_type
+    if not (pa.types.is_integer(element) or pa.types.is_floating(element) or pa.types.is_boolean(element)):
+        raise DatasetFormatError(
+            f"{path}: column 'value' holds {element}; use numbers (flatten nested lists and give the "
+            "per-sample shape as schema metadata 'shape')"
+        )
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64)
+    expected = math.prod(shape) if shape is not None else (int(lengths[0]) if len(lengths) else 0)
+    bad = np.nonzero(lengths != expected)[0]
+    if len(bad):
+        row = int(bad[0])
+        reason = f"schema metadata 'shape' {list(shape)}" if shape is not None else f"as for id {ids[0]!r}"
+        raise DatasetFormatError(
+            f"{path}: column 'value' has {lengths[row]} elements for id {ids[row]!r}; expected {expected} "
+            f"({reason})"
+        )
+    flat = array.flatten()
+    if flat.null_count:
+        raise DatasetFormatError(f"{path}: column 'value' holds null elements")
+    return flat.to_numpy(zero_copy_only=False).reshape(
+        len(array), *(shape if shape is not None else (expected,))
+    )

@@ -1,0 +1,83 @@
+"""Shared fixtures: small synthetic data, a temporary MLflow store, one Ray instance per session."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports ray (stack.md §9): fast Train health checks, no auth for local clusters.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from midasbench.harness.config import RunConfig, load_config  # noqa: E402
+
+TINY_SYNTHETIC: dict[str, Any] = {
+    "num_classes": 4,
+    "train_size": 240,
+    "val_size": 80,
+    "test_size": 160,
+    "modalities": [
+        {"name": "strong", "dim": 24, "separation": 5.0, "drop": 0.25},
+        {"name": "weak", "dim": 8, "separation": 2.5, "flip": 0.1, "nonlinear": True},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tiny_config(data_root: Path, tmp_path: Path):
+    """A factory for a seconds-long synthetic run config with extra ``key=value`` overrides."""
+
+    def make(*overrides: str) -> RunConfig:
+        import json
+
+        return load_config(
+            "synthetic",
+            [
+                f"data.root={data_root}",
+                f"data.options={json.dumps(TINY_SYNTHETIC)}",
+                "model.default_encoder.params={hidden: [32], out_dim: 16}",
+                "train.epochs=3",
+                "train.batch_size=32",
+                "train.progress=false",
+                "train.num_threads=1",
+                f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+                "tracking.enabled=false",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=256 * 2**20,
+        logging_level="warning",
+    )
+    yield
+    ray.shutdown()
