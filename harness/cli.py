@@ -103,13 +103,18 @@ def _print_manifest(dataset: object) -> None:
     print(f"  sha256   {m.content_sha256}")
 
 
+def _first_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     what = args.what
     if what == "methods":
         from midasbench.methods import METHODS
 
         rows = [
-            (n, f"[{c.fidelity}] {(c.__doc__ or '').strip().splitlines()[0]}") for n, c in METHODS.items()
+            (n, f"[{c.fidelity}] {_first_line(sys.modules[c.__module__].__doc__)}") for n, c in METHODS.items()
         ]
     elif what == "datasets":
         from midasbench.datasets import DATASETS
@@ -124,9 +129,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         rows = [(n, e.description) for n, e in FUSIONS.items()]
     else:
-        from .config import load_preset, preset_names
+        from importlib import resources
 
-        rows = [(n, str(load_preset(n).get("data", {}).get("name", ""))) for n in preset_names()]
+        from .config import preset_names
+
+        folder = resources.files("midasbench.harness") / "presets"
+        rows = [(n, _first_line((folder / f"{n}.yaml").read_text()).lstrip("# ")) for n in preset_names()]
     width = max((len(n) for n, _ in rows), default=0)
     for name, text in rows:
         print(f"{name:<{width}}  {text}")

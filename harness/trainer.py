@@ -137,6 +137,15 @@ def _all_reduce_gradients(params: Sequence[torch.nn.Parameter], world_size: int)
         offset += n
 
 
+def _all_reduce_sums(
+    seen: int, sums: dict[str, float], device: torch.device
+) -> tuple[int, dict[str, float]]:
+    keys = sorted(sums)  # on the training device: NCCL reduces GPU tensors only
+    buffer = torch.tensor([float(seen)] + [sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(buffer)
+    return int(buffer[0].item()), {k: float(v) for k, v in zip(keys, buffer[1:].tolist(), strict=True)}
+
+
 def _progress(setting: bool | str, rank: int, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
@@ -279,6 +288,8 @@ def train(
                 seen += n
                 for key, value in {"loss": out.loss.item(), **out.logs}.items():
                     sums[key] = sums.get(key, 0.0) + value * n
+            if world_size > 1:  # report the epoch's loss over all ranks' batches
+                seen, sums = _all_reduce_sums(seen, sums, device)
             metrics = {f"train/{k}": v / max(seen, 1) for k, v in sums.items()}
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             if method.scheduler_should_step(epoch):

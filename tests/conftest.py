@@ -81,3 +81,8 @@ def ray_session():
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def tiny_options() -> dict[str, Any]:
+    return dict(TINY_SYNTHETIC)

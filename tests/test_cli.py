@@ -1,0 +1,82 @@
+"""The command line: exit codes scripts can trust and messages that name the problem."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from midasbench.harness.cli import EXIT_OK, EXIT_USAGE, main
+
+
+def run_cli(*args: str) -> int:
+    return main(list(args))
+
+
+def test_help_and_list(capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli("--help")
+    assert info.value.code == 0
+    assert "train" in capsys.readouterr().out
+    assert run_cli("list", "methods") == EXIT_OK
+    out = capsys.readouterr().out
+    assert "joint" in out and "unimodal" in out
+    for what, expected in [("datasets", "synthetic"), ("encoders", "resnet18"), ("fusions", "concat"),
+                           ("presets", "cremad")]:
+        assert run_cli("list", what) == EXIT_OK
+        assert expected in capsys.readouterr().out
+
+
+def test_bad_config_exits_2_naming_the_key(capsys):
+    assert run_cli("train", "synthetic", "train.epochz=3") == EXIT_USAGE
+    assert "train.epochz: unknown key" in capsys.readouterr().err
+    assert run_cli("train", "no-such-preset") == EXIT_USAGE
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        run_cli("list", "things")
+    assert info.value.code == 2
+
+
+def test_print_config_shows_the_resolved_config(capsys):
+    assert run_cli("train", "synthetic", "train.epochs=2", "--print-config") == EXIT_OK
+    out = capsys.readouterr().out
+    assert "epochs: 2" in out and "unimodal_weight: 0.0" in out
+
+
+def test_data_build_info_and_train(tmp_path, capsys, monkeypatch, tiny_options):
+    monkeypatch.chdir(tmp_path)
+    options = json.dumps(tiny_options)
+    assert run_cli("data", "build", "synthetic", "train_size=120", "--root", str(tmp_path / "d"),
+                   "--split", "official") == EXIT_OK
+    out = capsys.readouterr().out
+    assert "rows     train 120" in out
+    path = out.splitlines()[0]
+    assert run_cli("data", "info", path, "--verify") == EXIT_OK
+    assert "content hash verified" in capsys.readouterr().out
+    assert run_cli("data", "info", str(tmp_path)) == EXIT_USAGE
+    assert "not a complete midasbench dataset" in capsys.readouterr().err
+    code = run_cli("train", "synthetic", f"data.root={tmp_path / 'd'}", f"data.options={options}",
+                   "train.epochs=2", "model.default_encoder.params={hidden: [8], out_dim: 8}")
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "test acc" in out and "MLflow run" in out
+    assert (tmp_path / "mlflow.db").is_file()  # the default store, in the working directory
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to fail")
+def test_a_failing_run_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = run_cli("train", "synthetic", f"data.root={tmp_path}", "data.options={train_size: 50}",
+                   "train.epochs=1", "train.device=cuda", "tracking.enabled=false")
+    assert code == 1
+    assert "run failed: RuntimeError: train.device=cuda but no CUDA device" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "midasbench.harness.cli", "list", "presets"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "synthetic" in out

@@ -1,0 +1,36 @@
+"""`midasbench demo` end to end on local Ray: trials in parallel, one MLflow run each, a table."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+
+@pytest.mark.ray
+def test_demo_runs_on_ray_and_prints_the_mean_std_table(ray_session, tmp_path, monkeypatch, data_root, tiny_options):
+    from midasbench.harness.demo import SESSION_TAG, run_demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = run_demo(
+        seeds=2,
+        experiment="demo-test",
+        overrides=[
+            f"data.root={data_root}",
+            f"data.options={json.dumps(tiny_options)}",
+            "train.epochs=2",
+            "model.default_encoder.params={hidden: [8], out_dim: 8}",
+        ],
+        echo=False,
+    )
+    assert result.runs == 6  # joint + unimodal[strong] + unimodal[weak], 2 seeds each
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    experiment = client.get_experiment_by_name("demo-test")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{SESSION_TAG}` = '{result.session}'")
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert result.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lines = result.table.splitlines()
+    assert lines[0].startswith("| Method | synthetic Acc | synthetic F1")
+    rows = {line.split("|")[1].strip(): line for line in lines[2:5]}
+    assert set(rows) == {"joint", "unimodal[strong]", "unimodal[weak]"}
+    assert all(" ± " in row and row.rstrip(" |").endswith("2") for row in rows.values())
