@@ -26,9 +26,10 @@ def midas70_indices(labels: np.ndarray, split_seed: int) -> dict[str, np.ndarray
     counts = np.bincount(labels) if len(labels) else np.array([])
     if len(counts) and counts[counts > 0].min() < 5:
         # Two stratified cuts need at least one sample of each class in each of 3 parts.
+        smallest = int(np.argmin(np.where(counts > 0, counts, np.iinfo(np.int64).max)))
         raise DatasetFormatError(
-            f"split 'midas70' needs at least 5 samples per class; class {int(np.argmin(np.where(counts > 0, counts, 1 << 30)))} "
-            f"has {int(counts[counts > 0].min())}"
+            f"split 'midas70' needs at least 5 samples per class; "
+            f"class {smallest} has {int(counts[smallest])}"
         )
     train, rest = train_test_split(index, test_size=0.3, stratify=labels, random_state=split_seed)
     val, test = train_test_split(rest, test_size=2 / 3, stratify=labels[rest], random_state=split_seed)

@@ -114,7 +114,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from midasbench.methods import METHODS
 
         rows = [
-            (n, f"[{c.fidelity}] {_first_line(sys.modules[c.__module__].__doc__)}") for n, c in METHODS.items()
+            (n, f"[{c.fidelity}] {_first_line(sys.modules[c.__module__].__doc__)}")
+            for n, c in METHODS.items()
         ]
     elif what == "datasets":
         from midasbench.datasets import DATASETS

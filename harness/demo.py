@@ -37,7 +37,8 @@ def trial_configs(base: RunConfig, modalities: list[str], seeds: list[int], sess
     methods += [{"method.name": "unimodal", "method.params": {"modality": m}} for m in modalities]
     return [
         clone_config(
-            base, {**method, "train.seed": seed, "tracking.tags": {**base.tracking.tags, SESSION_TAG: session}}
+            base,
+            {**method, "train.seed": seed, "tracking.tags": {**base.tracking.tags, SESSION_TAG: session}},
         )
         for method in methods
         for seed in seeds

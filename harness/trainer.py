@@ -137,9 +137,7 @@ def _all_reduce_gradients(params: Sequence[torch.nn.Parameter], world_size: int)
         offset += n
 
 
-def _all_reduce_sums(
-    seen: int, sums: dict[str, float], device: torch.device
-) -> tuple[int, dict[str, float]]:
+def _all_reduce_sums(seen: int, sums: dict[str, float], device: torch.device) -> tuple[int, dict[str, float]]:
     keys = sorted(sums)  # on the training device: NCCL reduces GPU tensors only
     buffer = torch.tensor([float(seen)] + [sums[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(buffer)

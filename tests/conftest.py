@@ -11,12 +11,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from pathlib import Path
+from typing import Any
 
-import pytest  # noqa: E402
+import pytest
 
-from midasbench.harness.config import RunConfig, load_config  # noqa: E402
+from midasbench.harness.config import RunConfig, load_config
 
 TINY_SYNTHETIC: dict[str, Any] = {
     "num_classes": 4,

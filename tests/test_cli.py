@@ -22,8 +22,12 @@ def test_help_and_list(capsys):
     assert run_cli("list", "methods") == EXIT_OK
     out = capsys.readouterr().out
     assert "joint" in out and "unimodal" in out
-    for what, expected in [("datasets", "synthetic"), ("encoders", "resnet18"), ("fusions", "concat"),
-                           ("presets", "cremad")]:
+    for what, expected in [
+        ("datasets", "synthetic"),
+        ("encoders", "resnet18"),
+        ("fusions", "concat"),
+        ("presets", "cremad"),
+    ]:
         assert run_cli("list", what) == EXIT_OK
         assert expected in capsys.readouterr().out
 
@@ -50,8 +54,19 @@ def test_print_config_shows_the_resolved_config(capsys):
 def test_data_build_info_and_train(tmp_path, capsys, monkeypatch, tiny_options):
     monkeypatch.chdir(tmp_path)
     options = json.dumps(tiny_options)
-    assert run_cli("data", "build", "synthetic", "train_size=120", "--root", str(tmp_path / "d"),
-                   "--split", "official") == EXIT_OK
+    assert (
+        run_cli(
+            "data",
+            "build",
+            "synthetic",
+            "train_size=120",
+            "--root",
+            str(tmp_path / "d"),
+            "--split",
+            "official",
+        )
+        == EXIT_OK
+    )
     out = capsys.readouterr().out
     assert "rows     train 120" in out
     path = out.splitlines()[0]
@@ -59,8 +74,14 @@ def test_data_build_info_and_train(tmp_path, capsys, monkeypatch, tiny_options):
     assert "content hash verified" in capsys.readouterr().out
     assert run_cli("data", "info", str(tmp_path)) == EXIT_USAGE
     assert "not a complete midasbench dataset" in capsys.readouterr().err
-    code = run_cli("train", "synthetic", f"data.root={tmp_path / 'd'}", f"data.options={options}",
-                   "train.epochs=2", "model.default_encoder.params={hidden: [8], out_dim: 8}")
+    code = run_cli(
+        "train",
+        "synthetic",
+        f"data.root={tmp_path / 'd'}",
+        f"data.options={options}",
+        "train.epochs=2",
+        "model.default_encoder.params={hidden: [8], out_dim: 8}",
+    )
     assert code == EXIT_OK
     out = capsys.readouterr().out
     assert "test acc" in out and "MLflow run" in out
@@ -70,13 +91,24 @@ def test_data_build_info_and_train(tmp_path, capsys, monkeypatch, tiny_options):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to fail")
 def test_a_failing_run_exits_1(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = run_cli("train", "synthetic", f"data.root={tmp_path}", "data.options={train_size: 50}",
-                   "train.epochs=1", "train.device=cuda", "tracking.enabled=false")
+    code = run_cli(
+        "train",
+        "synthetic",
+        f"data.root={tmp_path}",
+        "data.options={train_size: 50}",
+        "train.epochs=1",
+        "train.device=cuda",
+        "tracking.enabled=false",
+    )
     assert code == 1
     assert "run failed: RuntimeError: train.device=cuda but no CUDA device" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():
-    out = subprocess.run([sys.executable, "-m", "midasbench.harness.cli", "list", "presets"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "midasbench.harness.cli", "list", "presets"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "synthetic" in out

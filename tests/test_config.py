@@ -48,7 +48,10 @@ def test_method_params_are_stored_with_defaults_for_reproduction():
         ("data.split=random", r"data\.split: .*'official' or 'midas70'"),
         ("method.name=nope", r"method\.name: unknown method 'nope'; known methods: .*joint"),
         ("method.params.lam=1", r"method\.params\.lam: unknown key"),
-        ("method.params.unimodal_weight=-1", r"method\.params\.unimodal_weight: .*greater than or equal to 0"),
+        (
+            "method.params.unimodal_weight=-1",
+            r"method\.params\.unimodal_weight: .*greater than or equal to 0",
+        ),
         ("model.fusion.name=attention", r"model\.fusion\.name: unknown fusion 'attention'"),
         ("model.encoders.weak.name=cnn", r"model\.encoders\.weak\.name: unknown encoder 'cnn'"),
         ("model.default_encoder.params.hidden=7", r"model\.default_encoder\.params\.hidden: "),
@@ -67,7 +70,7 @@ def test_override_through_a_value_is_refused():
 
 
 def test_unknown_preset_and_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="unknown preset 'nope'; known presets: .*synthetic"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'; known presets: .*synthetic"):
         load_config("nope")
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(str(tmp_path / "missing.yaml"))

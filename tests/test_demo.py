@@ -7,7 +7,9 @@ from mlflow.tracking import MlflowClient
 
 
 @pytest.mark.ray
-def test_demo_runs_on_ray_and_prints_the_mean_std_table(ray_session, tmp_path, monkeypatch, data_root, tiny_options):
+def test_demo_runs_on_ray_and_prints_the_mean_std_table(
+    ray_session, tmp_path, monkeypatch, data_root, tiny_options
+):
     from midasbench.harness.demo import SESSION_TAG, run_demo
 
     monkeypatch.chdir(tmp_path)

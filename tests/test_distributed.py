@@ -18,7 +18,11 @@ def _worker(rank: int, world_size: int, init_file: str, overrides: list[str], ou
     try:
         torch.set_num_threads(1)
         result = train(load_config("synthetic", overrides))
-        state = torch.load(Path(result.checkpoint_dir) / "best.pt", weights_only=False)["model"] if rank == 0 else None
+        state = (
+            torch.load(Path(result.checkpoint_dir) / "best.pt", weights_only=False)["model"]
+            if rank == 0
+            else None
+        )
         flat = torch.cat([p.detach().reshape(-1) for p in state.values()]) if state else None
         payload = {"history": result.history, "test": result.test, "best_epoch": result.best_epoch}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(payload))

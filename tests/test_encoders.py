@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import torch
 import torchvision
+from torch import nn
+
 from midasbench.harness.encoders import ENCODERS, build_encoder
 from midasbench.harness.errors import ConfigError
-from torch import nn
 
 # transformers is imported lazily by the hf_text factory, i.e. after this line; never reach the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"

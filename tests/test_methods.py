@@ -100,7 +100,9 @@ def test_joint_without_unimodal_weight_leaves_the_unimodal_heads_out():
     model = tiny_model()
     names = {id(p) for p in build_method("joint", {}, CONTEXT).trainable_parameters(model)}
     assert not any(id(p) in names for p in model.unimodal_heads.parameters())
-    with_heads = {id(p) for p in build_method("joint", {"unimodal_weight": 1}, CONTEXT).trainable_parameters(model)}
+    with_heads = {
+        id(p) for p in build_method("joint", {"unimodal_weight": 1}, CONTEXT).trainable_parameters(model)
+    }
     assert all(id(p) in with_heads for p in model.unimodal_heads.parameters())
 
 
@@ -109,7 +111,9 @@ def test_unimodal_trains_and_predicts_with_one_modality_only():
     method = build_method("unimodal", {"modality": "b"}, CONTEXT)
     assert method.label == "unimodal[b]"
     out = method.training_step(model, batch, 0)
-    expected = F.cross_entropy(model.unimodal_heads["b"](model.encoders["b"](batch.inputs["b"])), batch.labels)
+    expected = F.cross_entropy(
+        model.unimodal_heads["b"](model.encoders["b"](batch.inputs["b"])), batch.labels
+    )
     assert out.loss.item() == pytest.approx(expected.item())
     out.loss.backward()
     assert model.encoders["a"].weight.grad is None and model.fusion.linear.weight.grad is None

@@ -37,7 +37,9 @@ def test_midas70_needs_five_samples_per_class():
 def test_official_uses_the_datasets_own_lists():
     parts = official_indices(np.array(["train", "test", "val", "train"]), "toy")
     assert {k: v.tolist() for k, v in parts.items()} == {"train": [0, 3], "val": [2], "test": [1]}
-    with pytest.raises(DatasetFormatError, match="has no official train/val/test split; use data.split=midas70"):
+    with pytest.raises(
+        DatasetFormatError, match=r"has no official train/val/test split; use data\.split=midas70"
+    ):
         official_indices(None, "toy")
     with pytest.raises(DatasetFormatError, match=r"no \['val'\] rows"):
         official_indices(np.array(["train", "test"]), "toy")

@@ -26,10 +26,12 @@ def test_mask_fractions_match_drop_and_flip():
 
 
 def test_dropped_samples_carry_no_class_signal():
-    opts = SyntheticOptions(modalities=[
-        {"name": "a", "dim": 8, "separation": 50.0, "drop": 0.5},
-        {"name": "b", "dim": 4, "separation": 1.0},
-    ])
+    opts = SyntheticOptions(
+        modalities=[
+            {"name": "a", "dim": 8, "separation": 50.0, "drop": 0.5},
+            {"name": "b", "dim": 4, "separation": 1.0},
+        ]
+    )
     split = generate_split(opts, 0, 4000)
     x, informative = split.modalities["a"], split.subsets["informative_a"]
     # informative samples sit far from the origin (|mean| = 50), dropped ones are unit noise
@@ -38,19 +40,37 @@ def test_dropped_samples_carry_no_class_signal():
 
 
 def test_three_modalities_and_option_errors(tmp_path):
-    opts = {"modalities": [
-        {"name": "a", "dim": 4, "separation": 3.0},
-        {"name": "b", "dim": 4, "separation": 2.0},
-        {"name": "c", "dim": 4, "separation": 1.0, "drop": 0.5},
-    ], "train_size": 60, "val_size": 20, "test_size": 20, "num_classes": 3}
+    opts = {
+        "modalities": [
+            {"name": "a", "dim": 4, "separation": 3.0},
+            {"name": "b", "dim": 4, "separation": 2.0},
+            {"name": "c", "dim": 4, "separation": 1.0, "drop": 0.5},
+        ],
+        "train_size": 60,
+        "val_size": 20,
+        "test_size": 20,
+        "num_classes": 3,
+    }
     ds = ArrowDataset(build_dataset("synthetic", root=tmp_path, split="official", options=opts))
     assert ds.manifest.modality_names == ["a", "b", "c"]
     assert "only_c" in ds.manifest.subsets
     with pytest.raises(DatasetFormatError, match=r"modalities\.0\.drop"):
-        build_dataset("synthetic", root=tmp_path, options={"modalities": [{"name": "a", "dim": 2, "separation": 1, "drop": 2}]})
+        build_dataset(
+            "synthetic",
+            root=tmp_path,
+            options={"modalities": [{"name": "a", "dim": 2, "separation": 1, "drop": 2}]},
+        )
     with pytest.raises(DatasetFormatError, match="unique"):
-        build_dataset("synthetic", root=tmp_path, options={"modalities": [
-            {"name": "a", "dim": 2, "separation": 1}, {"name": "a", "dim": 2, "separation": 1}]})
+        build_dataset(
+            "synthetic",
+            root=tmp_path,
+            options={
+                "modalities": [
+                    {"name": "a", "dim": 2, "separation": 1},
+                    {"name": "a", "dim": 2, "separation": 1},
+                ]
+            },
+        )
 
 
 def test_builds_are_cached_by_options_and_split(tmp_path):

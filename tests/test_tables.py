@@ -38,5 +38,5 @@ def test_markdown_cells_are_percent_mean_pm_std():
 
 
 def test_missing_metric_is_named():
-    with pytest.raises(KeyError, match="metrics.test/auc"):
+    with pytest.raises(KeyError, match=r"metrics\.test/auc"):
         summarize(runs(), ["test/auc"])

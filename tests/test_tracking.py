@@ -1,6 +1,7 @@
 """Every run is an MLflow run with the params, metrics, tags and artifacts a reader needs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -35,8 +36,15 @@ def test_a_run_logs_params_metrics_tags_and_artifacts(tiny_config, mlflow_uri, t
     assert params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert params["method.params.unimodal_weight"] == "0.0"
     tags = run.data.tags
-    for key in ("midasbench.git_commit", "version.torch", "version.mlflow", "dataset.content_sha256",
-                "split.train.ids_sha256", "method.fidelity", "config.fingerprint"):
+    for key in (
+        "midasbench.git_commit",
+        "version.torch",
+        "version.mlflow",
+        "dataset.content_sha256",
+        "split.train.ids_sha256",
+        "method.fidelity",
+        "config.fingerprint",
+    ):
         assert tags.get(key), key
     assert tags["method.label"] == "joint" and tags["seed"] == "0"
     assert len(tags["dataset.content_sha256"]) == 64
@@ -52,8 +60,9 @@ def test_a_run_logs_params_metrics_tags_and_artifacts(tiny_config, mlflow_uri, t
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "split_manifest.json", "dataset_manifest.json"} <= artifacts
     local = client.download_artifacts(result.run_id, "config.yaml", str(tmp_path))
-    assert build_config(yaml.safe_load(open(local).read())) == cfg  # enough to reproduce the run
-    split = json.load(open(client.download_artifacts(result.run_id, "split_manifest.json", str(tmp_path))))
+    assert build_config(yaml.safe_load(Path(local).read_text())) == cfg  # enough to reproduce the run
+    split_path = client.download_artifacts(result.run_id, "split_manifest.json", str(tmp_path))
+    split = json.loads(Path(split_path).read_text())
     assert split["splits"]["train"]["ids_sha256"] == tags["split.train.ids_sha256"]
     assert len(split["splits"]["test"]["ids"]) == split["splits"]["test"]["rows"] == 160
 

@@ -38,8 +38,9 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_evaluated_on_it(tiny_con
     assert result.best_val["acc"] == max(val_acc)
     assert not any(key.startswith("test/") for h in result.history for key in h)  # no test peeking
     # the reported test metrics are those of the saved best-epoch weights
-    dataset = ArrowDataset(resolve_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split,
-                                           options=cfg.data.options))
+    dataset = ArrowDataset(
+        resolve_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, options=cfg.data.options)
+    )
     model = build_model(cfg.model, dataset.manifest)
     saved = ckpt.load(result.checkpoint_dir / BEST)
     assert saved["epoch"] == result.best_epoch
@@ -55,7 +56,11 @@ class Crash(RuntimeError):
 
 def test_resume_from_an_epoch_checkpoint_matches_an_uninterrupted_run(tiny_config, tmp_path):
     # dropout makes the run depend on the RNG state, which the checkpoint must restore
-    overrides = ("train.epochs=5", "model.default_encoder.params.dropout=0.3", "method.params.unimodal_weight=0.5")
+    overrides = (
+        "train.epochs=5",
+        "model.default_encoder.params.dropout=0.3",
+        "method.params.unimodal_weight=0.5",
+    )
     full = train(tiny_config(*overrides, f"train.checkpoint_dir={tmp_path / 'full'}"))
     interrupted = tiny_config(*overrides, f"train.checkpoint_dir={tmp_path / 'part'}")
 
@@ -101,11 +106,26 @@ def test_synthetic_reproduces_modality_imbalance(tiny_config, tmp_path):
     joint, weak = [], []
     for seed in (0, 1):
         common = (default_data, "train.epochs=40", f"train.seed={seed}")
-        joint.append(train(tiny_config(*common, f"train.checkpoint_dir={tmp_path / f'j{seed}'}",
-                                       "model.default_encoder.params={hidden: [128], out_dim: 128}")))
-        weak.append(train(tiny_config(*common, f"train.checkpoint_dir={tmp_path / f'w{seed}'}",
-                                      "model.default_encoder.params={hidden: [128], out_dim: 128}",
-                                      "method.name=unimodal", "method.params.modality=weak")))
+        joint.append(
+            train(
+                tiny_config(
+                    *common,
+                    f"train.checkpoint_dir={tmp_path / f'j{seed}'}",
+                    "model.default_encoder.params={hidden: [128], out_dim: 128}",
+                )
+            )
+        )
+        weak.append(
+            train(
+                tiny_config(
+                    *common,
+                    f"train.checkpoint_dir={tmp_path / f'w{seed}'}",
+                    "model.default_encoder.params={hidden: [128], out_dim: 128}",
+                    "method.name=unimodal",
+                    "method.params.modality=weak",
+                )
+            )
+        )
     joint_subset = np.mean([r.test["acc_only_weak"] for r in joint])
     weak_subset = np.mean([r.test["acc_only_weak"] for r in weak])
     assert joint_subset < 0.6 * weak_subset, (joint_subset, weak_subset)
