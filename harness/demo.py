@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import RunConfig, load_config
 from .tracking import ensure_experiment, resolve_tracking_uri
-from .trainer import clone_config, train
+from .trainer import clone_config, dataset_path, train
 
 SESSION_TAG = "midasbench.session"
 
@@ -62,7 +62,7 @@ def run_demo(
     echo: bool = True,
 ) -> DemoResult:
     from midasbench.analysis import load_runs, markdown_table, summarize
-    from midasbench.datasets import ArrowDataset, resolve_dataset
+    from midasbench.datasets import ArrowDataset
 
     start = time.time()
     workdir = Path.cwd()
@@ -78,14 +78,7 @@ def run_demo(
         ],
     )
     # Build the dataset and the MLflow store once, in the driver, before any trial starts.
-    data_dir = resolve_dataset(
-        base.data.name,
-        path=base.data.path,
-        root=base.data.root,
-        split=base.data.split,
-        split_seed=base.data.split_seed,
-        options=base.data.options,
-    )
+    data_dir = dataset_path(base)
     base = clone_config(base, {"data.path": str(data_dir.resolve())})
     ensure_experiment(uri, experiment)
     session = uuid.uuid4().hex[:12]

@@ -12,7 +12,6 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,28 +22,15 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
 from .errors import ConfigError
-from .params import Params, parse_params
+from .params import ComponentEntry, Params, component_decorator, parse_params
 from .registry import Registry
 
-
-@dataclass(frozen=True)
-class EncoderEntry:
-    factory: Callable[[tuple[int, ...], str, Any], nn.Module]
-    params: type[Params]
-    description: str
-
-
-ENCODERS: Registry[EncoderEntry] = Registry("encoder")
+ENCODERS: Registry[ComponentEntry] = Registry("encoder")
 
 
 def register_encoder(name: str, params: type[Params], description: str) -> Callable:
     """Decorator for a factory ``(input_shape, input_dtype, params) -> nn.Module`` with ``out_dim``."""
-
-    def decorator(factory: Callable) -> Callable:
-        ENCODERS.register(name)(EncoderEntry(factory=factory, params=params, description=description))
-        return factory
-
-    return decorator
+    return component_decorator(ENCODERS, name, params, description)
 
 
 def build_encoder(

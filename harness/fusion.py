@@ -8,33 +8,21 @@ baselines (OGM-GE and relatives) rely on. ``concat_mlp`` adds a hidden layer for
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from .params import Params, parse_params
+from .params import ComponentEntry, Params, component_decorator, parse_params
 from .registry import Registry
 
-
-@dataclass(frozen=True)
-class FusionEntry:
-    factory: Callable[[dict[str, int], int, Any], nn.Module]
-    params: type[Params]
-    description: str
-
-
-FUSIONS: Registry[FusionEntry] = Registry("fusion")
+FUSIONS: Registry[ComponentEntry] = Registry("fusion")
 
 
 def register_fusion(name: str, params: type[Params], description: str) -> Callable:
-    def decorator(factory: Callable) -> Callable:
-        FUSIONS.register(name)(FusionEntry(factory=factory, params=params, description=description))
-        return factory
-
-    return decorator
+    """Decorator for a factory ``(feature_dims, num_classes, params) -> nn.Module`` giving logits."""
+    return component_decorator(FUSIONS, name, params, description)
 
 
 def build_fusion(

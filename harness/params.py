@@ -7,11 +7,14 @@ from the config against it and turns pydantic's errors into a ``ConfigError`` th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
+from .registry import Registry
 
 
 class Params(BaseModel):
@@ -21,6 +24,27 @@ class Params(BaseModel):
 
 
 P = TypeVar("P", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class ComponentEntry:
+    """A registry entry built from config: a factory, the schema of its params, a one-line description."""
+
+    factory: Callable[..., Any]
+    params: type[Params]
+    description: str
+
+
+def component_decorator(
+    registry: Registry[ComponentEntry], name: str, params: type[Params], description: str
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a factory under ``name`` with its params schema; returns the factory."""
+
+    def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
+        registry.register(name)(ComponentEntry(factory=factory, params=params, description=description))
+        return factory
+
+    return decorator
 
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:

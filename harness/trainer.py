@@ -77,6 +77,14 @@ def _device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
+def dataset_path(cfg: RunConfig) -> Path:
+    """The run's dataset directory, built first if it is a registered offline dataset not built yet."""
+    d = cfg.data
+    return resolve_dataset(
+        d.name, path=d.path, root=d.root, split=d.split, split_seed=d.split_seed, options=d.options
+    )
+
+
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     o = cfg.optimizer
     if o.name == "sgd":
@@ -192,15 +200,7 @@ def train(
     device = _device(t.device)
     amp = t.amp and device.type == "cuda"
 
-    data_dir = resolve_dataset(
-        cfg.data.name,
-        path=cfg.data.path,
-        root=cfg.data.root,
-        split=cfg.data.split,
-        split_seed=cfg.data.split_seed,
-        options=cfg.data.options,
-    )
-    dataset = ArrowDataset(data_dir)
+    dataset = ArrowDataset(dataset_path(cfg))
     manifest = dataset.manifest
     train_split, val_split, test_split = (dataset.split(s) for s in ("train", "val", "test"))
 

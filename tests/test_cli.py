@@ -112,3 +112,24 @@ def test_console_script_is_installed():
         check=True,
     ).stdout
     assert "synthetic" in out
+
+
+def test_data_import_from_a_folder(tmp_path, capsys):
+    import numpy as np
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    labels = ["cat", "dog"] * 10
+    (folder / "labels.csv").write_text("id,label\n" + "".join(f"s{i},{y}\n" for i, y in enumerate(labels)))
+    np.save(folder / "audio.npy", np.arange(20 * 3, dtype=np.float32).reshape(20, 3))
+    code = run_cli("data", "import", str(folder), "--name", "mine", "--root", str(tmp_path / "root"))
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "modality audio: float32[3]" in out and "rows     train 14, val 2, test 4" in out
+    (folder / "labels.csv").write_text("id,label\ns0,cat\ns0,dog\n")
+    assert (
+        run_cli("data", "import", str(folder), "--name", "mine2", "--root", str(tmp_path / "root"))
+        == EXIT_USAGE
+    )
+    err = capsys.readouterr().err
+    assert "labels.csv" in err and "s0" in err

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from midasbench.harness.config import load_config
-from midasbench.harness.trainer import train
+from midasbench.harness.trainer import dataset_path, train
 
 
 def _worker(rank: int, world_size: int, init_file: str, overrides: list[str], out_dir: str) -> None:
@@ -45,10 +45,7 @@ def test_two_ranks_train_one_model_and_agree(tmp_path, data_root, tiny_options):
         "tracking.enabled=false",
     ]
     # build the dataset once before the ranks start (as the sweep driver will)
-    from midasbench.datasets import resolve_dataset
-
-    cfg = load_config("synthetic", overrides)
-    resolve_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, options=cfg.data.options)
+    dataset_path(load_config("synthetic", overrides))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), overrides, str(tmp_path)), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())

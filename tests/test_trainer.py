@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from midasbench.datasets import ArrowDataset, resolve_dataset
+from midasbench.datasets import ArrowDataset
 from midasbench.harness import checkpoint as ckpt
 from midasbench.harness.metrics import split_metrics
 from midasbench.harness.model import build_model
-from midasbench.harness.trainer import BEST, LAST, evaluate, train
+from midasbench.harness.trainer import BEST, LAST, dataset_path, evaluate, train
 from midasbench.methods import MethodContext, build_method
 
 
@@ -38,9 +38,7 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_evaluated_on_it(tiny_con
     assert result.best_val["acc"] == max(val_acc)
     assert not any(key.startswith("test/") for h in result.history for key in h)  # no test peeking
     # the reported test metrics are those of the saved best-epoch weights
-    dataset = ArrowDataset(
-        resolve_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, options=cfg.data.options)
-    )
+    dataset = ArrowDataset(dataset_path(cfg))
     model = build_model(cfg.model, dataset.manifest)
     saved = ckpt.load(result.checkpoint_dir / BEST)
     assert saved["epoch"] == result.best_epoch
