@@ -31,6 +31,12 @@ def midas70_indices(labels: np.ndarray, split_seed: int) -> dict[str, np.ndarray
             f"split 'midas70' needs at least 5 samples per class; "
             f"class {smallest} has {int(counts[smallest])}"
         )
+    if len(labels) * 0.1 < len(counts[counts > 0]):
+        # the validation part (10 %) must hold at least one sample of every class
+        raise DatasetFormatError(
+            f"split 'midas70' needs at least 10 samples per class in all ({len(counts[counts > 0])} classes "
+            f"need {10 * len(counts[counts > 0])}); the dataset has {len(labels)}"
+        )
     train, rest = train_test_split(index, test_size=0.3, stratify=labels, random_state=split_seed)
     val, test = train_test_split(rest, test_size=2 / 3, stratify=labels[rest], random_state=split_seed)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}

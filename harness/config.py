@@ -243,6 +243,10 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
             data = {"preset": str(config)}
             source = f"preset {config}"
     data = _resolve_presets(data, source)
+    # Overrides land on the full default tree, so `model.default_encoder.params.hidden=[64]` works even
+    # where the file leaves that section to its default. Registry params stay unresolved here ({}), so
+    # switching `method.name` never inherits another method's defaults.
+    data = deep_merge(RunConfig.model_construct().model_dump(mode="json"), data)
     data = apply_overrides(data, overrides or [])
     if "preset" in data:
         raise ConfigError(f"{source}: 'preset' can only be set in a config file, not as an override")

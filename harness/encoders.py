@@ -76,6 +76,9 @@ class MLPParams(Params):
     out_dim: PositiveInt = 128
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     activation: Literal["relu", "gelu"] = "relu"
+    input_batchnorm: bool = Field(
+        default=False, description="standardise raw inputs (e.g. unnormalised log-mels) with BatchNorm"
+    )
 
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -91,7 +94,7 @@ class MLPEncoder(nn.Module):
         super().__init__()
         in_features = math.prod(input_shape)
         act = _ACTIVATIONS[params.activation]
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [nn.BatchNorm1d(in_features)] if params.input_batchnorm else []
         for width in params.hidden:
             layers += [nn.Linear(in_features, width), act()]
             if params.dropout > 0:

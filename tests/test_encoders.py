@@ -270,3 +270,13 @@ def test_hf_text_freeze() -> None:
     encoder.train()
     assert not any(p.requires_grad for p in encoder.parameters())
     assert not encoder.backbone.training  # frozen backbone stays a deterministic feature extractor
+
+
+def test_mlp_input_batchnorm_standardises_raw_inputs() -> None:
+    torch.manual_seed(0)
+    encoder = build_encoder("mlp", (3, 4), "float32", {"input_batchnorm": True, "hidden": []})
+    first = encoder.net[0]
+    assert isinstance(first, torch.nn.BatchNorm1d)
+    x = 50.0 + 7.0 * torch.randn(256, 3, 4)  # far from zero mean / unit variance
+    normalised = first(x.flatten(1))
+    assert normalised.mean().abs() < 1e-4 and (normalised.std(dim=0) - 1).abs().max() < 0.01

@@ -45,3 +45,8 @@ def test_official_uses_the_datasets_own_lists():
         official_indices(np.array(["train", "test"]), "toy")
     with pytest.raises(DatasetFormatError, match="unknown split protocol 'kfold'"):
         split_indices("kfold", np.zeros(3), None, 0, "toy")
+
+
+def test_midas70_needs_room_for_every_class_in_validation():
+    with pytest.raises(DatasetFormatError, match=r"10 classes need 100\); the dataset has 80"):
+        midas70_indices(labels_of([8] * 10), 0)

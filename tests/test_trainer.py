@@ -129,3 +129,23 @@ def test_synthetic_reproduces_modality_imbalance(tiny_config, tmp_path):
     assert joint_subset < 0.6 * weak_subset, (joint_subset, weak_subset)
     # while joint training is the better model overall: the imbalance is about how modalities are used
     assert np.mean([r.test["acc"] for r in joint]) > np.mean([r.test["acc"] for r in weak])
+
+
+def test_avdigits_preset_trains_end_to_end(data_root, tmp_path):
+    pytest.importorskip("espeakng_loader")
+    from midasbench.harness.config import load_config
+
+    cfg = load_config(
+        "avdigits",
+        [
+            f"data.root={data_root}",
+            "data.options={max_images: 150}",
+            "train.epochs=2",
+            "train.progress=false",
+            f"train.checkpoint_dir={tmp_path}",
+            "tracking.enabled=false",
+        ],
+    )
+    result = train(cfg)
+    assert len(result.history) == 2
+    assert result.test["acc"] > 0.2  # ten classes: well above chance after two epochs
