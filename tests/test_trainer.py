@@ -139,13 +139,13 @@ def test_avdigits_preset_trains_end_to_end(data_root, tmp_path):
         "avdigits",
         [
             f"data.root={data_root}",
-            "data.options={max_images: 150}",
-            "train.epochs=2",
+            "data.options={max_images: 300}",
+            "train.epochs=6",
             "train.progress=false",
             f"train.checkpoint_dir={tmp_path}",
             "tracking.enabled=false",
         ],
     )
     result = train(cfg)
-    assert len(result.history) == 2
-    assert result.test["acc"] > 0.2  # ten classes: well above chance after two epochs
+    assert len(result.history) == 6
+    assert result.test["acc"] > 0.3  # ten classes: well above chance
