@@ -148,4 +148,4 @@ def test_avdigits_preset_trains_end_to_end(data_root, tmp_path):
     )
     result = train(cfg)
     assert len(result.history) == 6
-    assert result.test["acc"] > 0.3  # ten classes: well above chance
+    assert result.test["acc"] > 0.25  # ten classes: 2.5x chance (0.37-0.38 measured)
