@@ -79,6 +79,12 @@ class TrainConfig(_Section):
     num_threads: int | None = Field(default=None, ge=1)
     deterministic: bool = True
     grad_clip: float | None = Field(default=None, gt=0)
+    diagnostics: bool = Field(
+        default=True, description="modality diagnostics on validation (each epoch) and test, every method"
+    )
+    diagnostics_seed: int = Field(
+        default=0, ge=0, description="seed of the fixed misaligned evaluation pairing"
+    )
     progress: bool | Literal["auto"] = Field(default="auto", description="progress bar; auto = on a terminal")
     checkpoint_dir: str | None = None
     resume: bool = True
@@ -98,6 +104,11 @@ class RunConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="joint"))
+    method_defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-method parameter defaults of a dataset preset (e.g. MIDAS's λ and warm-up), "
+        "applied under method.params when method.name matches",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

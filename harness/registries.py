@@ -29,6 +29,9 @@ def resolve_component_params(cfg: RunConfig) -> None:
     from .encoders import ENCODERS
     from .fusion import FUSIONS
 
+    preset_defaults = cfg.method_defaults.get(cfg.method.name, {})
+    if preset_defaults:  # the dataset preset's values sit under what the user set
+        cfg.method.params = {**preset_defaults, **cfg.method.params}
     try:
         _resolve(cfg.method, METHODS.get(cfg.method.name).Params, "method")
     except UnknownEntryError as exc:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,6 +34,7 @@ from midasbench.methods import Method, MethodContext, build_method
 
 from . import checkpoint as ckpt
 from .config import RunConfig
+from .diagnostics import modality_diagnostics
 from .metrics import split_metrics
 from .model import MultimodalModel, build_model
 from .tracking import (
@@ -104,43 +104,87 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.o
 
 
 @torch.no_grad()
-def predict(
-    model: MultimodalModel, method: Method, split: SplitData, batch_size: int, device: torch.device, amp: bool
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Predictions of ``method.eval_logits`` over a whole split: (labels, predictions, mean CE loss)."""
-    was_training = model.training
-    model.eval()
-    preds, labels, loss_sum = [], [], 0.0
+def encode_split(
+    model: MultimodalModel,
+    split: SplitData,
+    modalities: list[str],
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Encoder features of a whole split (float32, on ``device``) and its labels: encoded once, then reused
+    by the prediction and by every modality diagnostic (which re-run only the head)."""
+    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    labels = []
     for batch in BatchLoader(split, batch_size, shuffle=False):
         batch = batch.to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = method.eval_logits(model, batch)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").item()
-        preds.append(logits.argmax(dim=1).cpu().numpy())
-        labels.append(batch.labels.cpu().numpy())
-    model.train(was_training)
-    n = len(split)
-    return np.concatenate(labels), np.concatenate(preds), loss_sum / max(n, 1)
+            features = model.encode(batch.inputs, modalities)
+        for m in modalities:
+            chunks[m].append(features[m].float())
+        labels.append(batch.labels)
+    return {m: torch.cat(c) for m, c in chunks.items()}, torch.cat(labels)
 
 
+@torch.no_grad()
 def evaluate(
-    model: MultimodalModel, method: Method, split: SplitData, batch_size: int, device: torch.device, amp: bool
+    model: MultimodalModel,
+    method: Method,
+    split: SplitData,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    diagnostics_seed: int | None = None,
 ) -> dict[str, float]:
-    labels, preds, loss = predict(model, method, split, batch_size, device, amp)
-    return {**split_metrics(labels, preds, split.subsets), "loss": loss}
+    """Accuracy, macro-F1, loss and subset accuracies over the whole split; with ``diagnostics_seed``, also
+    the modality diagnostics (``harness/diagnostics.py``) on the same features, for every method."""
+    was_training = model.training
+    model.eval()
+    try:
+        modalities = method.eval_modalities(model)
+        features, labels = encode_split(model, split, modalities, batch_size, device, amp)
+
+        def head(f: dict[str, torch.Tensor]) -> torch.Tensor:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+                return method.logits_from_features(model, f).float()
+
+        logits = (
+            torch.cat(
+                [
+                    head({m: v[s : s + batch_size] for m, v in features.items()})
+                    for s in range(0, len(labels), batch_size)
+                ]
+            )
+            if len(labels)
+            else torch.zeros(0, 1)
+        )
+        loss = F.cross_entropy(logits, labels, reduction="mean").item() if len(labels) else float("nan")
+        out = split_metrics(labels.cpu().numpy(), logits.argmax(1).cpu().numpy(), split.subsets)
+        out["loss"] = loss
+        if diagnostics_seed is not None and len(modalities) == len(model.modalities) > 1:
+            out.update(
+                modality_diagnostics(head, features, labels, model.num_classes, diagnostics_seed, batch_size)
+            )
+        return out
+    finally:
+        model.train(was_training)
 
 
 def _all_reduce_gradients(params: Sequence[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients across ranks in one flat buffer (missing gradients count as zeros, so every rank
-    takes part in the same collective whatever its method did)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    """Average gradients across ranks in one flat buffer.
+
+    Only parameters that have a gradient take part: every rank runs the same method code on the same
+    epoch, so the set is the same on all ranks, and a parameter a step leaves out (e.g. the fusion head
+    during MIDAS warm-up) keeps ``grad = None`` and is not touched by the optimiser (no weight decay)."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])
     dist.all_reduce(flat)
     flat /= world_size
     offset = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
+    for p in with_grad:
+        n = p.grad.numel()
         p.grad = flat[offset : offset + n].view_as(p).clone()
         offset += n
 
@@ -214,6 +258,7 @@ def train(
         num_classes=manifest.num_classes,
         epochs=t.epochs,
         steps_per_epoch=len(loader),
+        seed=t.seed,
     )
     method = build_method(cfg.method.name, cfg.method.params, context)
     params = [p for p in method.trainable_parameters(model) if p.requires_grad]
@@ -260,6 +305,7 @@ def train(
         tracker.log_text(json.dumps(split_manifest(dataset)), "split_manifest.json")
         tracker.log_text(manifest.model_dump_json(indent=2), "dataset_manifest.json")
 
+    diagnostics_seed = t.diagnostics_seed if t.diagnostics else None
     status = "FAILED"
     progress = _progress(t.progress, rank, t.epochs, start_epoch)
     try:
@@ -293,7 +339,7 @@ def train(
             if method.scheduler_should_step(epoch):
                 scheduler.step()
             metrics.update({f"method/{k}": v for k, v in method.on_epoch_end(model, epoch).items()})
-            val = evaluate(model, method, val_split, t.eval_batch_size, device, amp)
+            val = evaluate(model, method, val_split, t.eval_batch_size, device, amp, diagnostics_seed)
             metrics.update({f"val/{k}": v for k, v in val.items()})
             if not math.isfinite(metrics.get("train/loss", 0.0)):
                 raise FloatingPointError(f"training loss is {metrics['train/loss']} at epoch {epoch}")
@@ -333,7 +379,7 @@ def train(
             dist.barrier()
         best_state = ckpt.load(checkpoint_dir / BEST)["model"] if best_epoch >= 0 else model.state_dict()
         model.load_state_dict(best_state)
-        test = evaluate(model, method, test_split, t.eval_batch_size, device, amp)
+        test = evaluate(model, method, test_split, t.eval_batch_size, device, amp, diagnostics_seed)
         final = {f"test/{k}": v for k, v in test.items()}
         final.update({f"best/val_{k}": v for k, v in best_val.items()})
         final["best_epoch"] = best_epoch

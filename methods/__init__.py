@@ -1,6 +1,7 @@
 """Training methods, one file each, behind the ``Method`` interface and the ``METHODS`` registry."""
 
 from . import joint as _joint  # noqa: F401  (registration)
+from . import midas as _midas  # noqa: F401
 from . import unimodal as _unimodal  # noqa: F401
 from .base import METHODS, Method, MethodContext, StepOutput, build_method, register_method
 

@@ -34,6 +34,7 @@ class MethodContext:
     num_classes: int
     epochs: int
     steps_per_epoch: int
+    seed: int = 0  # the run's init seed, for a method's own random draws
 
 
 @dataclass
@@ -60,9 +61,18 @@ class Method(ABC):
         """Parameters handed to the optimiser (and expected to receive gradients)."""
         return iter(model.parameters())
 
+    def eval_modalities(self, model: MultimodalModel) -> list[str]:
+        """Modalities the evaluated prediction reads (all, unless the method uses fewer)."""
+        return list(model.modalities)
+
+    def logits_from_features(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The evaluated prediction from encoder features: the fusion head by default. The modality
+        diagnostics re-run it on zeroed and misaligned features, so it must depend on features only."""
+        return model.fuse(features)
+
     def eval_logits(self, model: MultimodalModel, batch: Batch) -> torch.Tensor:
-        """Logits used for validation and test: the fused prediction by default."""
-        return model(batch.inputs)
+        """Logits used for validation and test."""
+        return self.logits_from_features(model, model.encode(batch.inputs, self.eval_modalities(model)))
 
     @property
     def label(self) -> str:

@@ -46,13 +46,12 @@ class Unimodal(Method):
         yield from model.encoders[self.modality].parameters()
         yield from model.unimodal_heads[self.modality].parameters()
 
-    def _logits(self, model: MultimodalModel, batch: Batch) -> torch.Tensor:
-        features = model.encode(batch.inputs, [self.modality])
-        return model.unimodal(features)[self.modality]
+    def eval_modalities(self, model: MultimodalModel) -> list[str]:
+        return [self.modality]
+
+    def logits_from_features(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model.unimodal_heads[self.modality](features[self.modality])
 
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
-        loss = F.cross_entropy(self._logits(model, batch), batch.labels)
+        loss = F.cross_entropy(self.eval_logits(model, batch), batch.labels)
         return StepOutput(loss=loss, logs={"loss_unimodal": loss.item()})
-
-    def eval_logits(self, model: MultimodalModel, batch: Batch) -> torch.Tensor:
-        return self._logits(model, batch)
