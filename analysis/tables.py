@@ -12,7 +12,22 @@ import numpy as np
 import pandas as pd
 
 DEFAULT_METRICS = ("test/acc", "test/macro_f1")
-METRIC_LABELS = {"test/acc": "Acc", "test/macro_f1": "F1", "test/acc_only_weak": "Acc (weak-only subset)"}
+METRIC_LABELS = {"test/acc": "Acc", "test/macro_f1": "F1", "test/mis_top2": "misaligned top-2"}
+
+
+def metric_label(metric: str) -> str:
+    """Column title of a metric: a fixed label, a pattern's reading, or the name without its split."""
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    name = metric.split("/", 1)[-1]
+    for prefix, template in (
+        ("zeroed_acc_", "acc, only {} kept"),  # the other modalities' features zeroed (App. A.4)
+        ("acc_only_", "acc on {}-only subset"),  # ground-truth subset: only that modality informs
+        ("shapley_", "Shapley {}"),
+    ):
+        if name.startswith(prefix):
+            return template.format(name[len(prefix) :])
+    return name
 
 
 def summarize(
@@ -56,7 +71,7 @@ def markdown_table(
     datasets = sorted(summary[column_key].unique())
     header = [row_key.capitalize()]
     for dataset in datasets:
-        header += [f"{dataset} {METRIC_LABELS.get(m, m)}" for m in metrics]
+        header += [f"{dataset} {metric_label(m)}" for m in metrics]
     header.append("n")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row_value in sorted(summary[row_key].unique()):

@@ -146,7 +146,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     result = run_demo(
-        seeds=args.seeds, experiment=args.experiment, overrides=args.overrides, use_ray=not args.no_ray
+        seeds=args.seeds,
+        preset=args.preset,
+        experiment=args.experiment,
+        overrides=args.overrides,
+        use_ray=not args.no_ray,
     )
     print()
     print(result.table)
@@ -213,9 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["methods", "datasets", "encoders", "fusions", "presets"])
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("demo", help="joint vs unimodal baselines on offline data, 3 seeds, then the table")
+    p = sub.add_parser(
+        "demo", help="joint, MIDAS and unimodal baselines on offline data, 3 seeds, then the table"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--preset", default="synthetic", help="an offline dataset preset: synthetic or avdigits")
     p.add_argument("--experiment", default="midasbench-demo")
     p.add_argument("--no-ray", action="store_true", help="run the trials one after another in this process")
     p.set_defaults(func=_cmd_demo)

@@ -25,14 +25,19 @@ def test_demo_runs_on_ray_and_prints_the_mean_std_table(
         ],
         echo=False,
     )
-    assert result.runs == 6  # joint + unimodal[strong] + unimodal[weak], 2 seeds each
+    assert result.runs == 8  # joint, midas, unimodal[strong], unimodal[weak]; 2 seeds each
     client = MlflowClient(tracking_uri=result.tracking_uri)
     experiment = client.get_experiment_by_name("demo-test")
     runs = client.search_runs([experiment.experiment_id], f"tags.`{SESSION_TAG}` = '{result.session}'")
-    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
     assert result.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     lines = result.table.splitlines()
     assert lines[0].startswith("| Method | synthetic Acc | synthetic F1")
-    rows = {line.split("|")[1].strip(): line for line in lines[2:5]}
-    assert set(rows) == {"joint", "unimodal[strong]", "unimodal[weak]"}
+    rows = {line.split("|")[1].strip(): line for line in lines[2:6]}
+    assert set(rows) == {"joint", "midas", "unimodal[strong]", "unimodal[weak]"}
     assert all(" ± " in row and row.rstrip(" |").endswith("2") for row in rows.values())
+    evidence = result.table.split("Modality use")[1]
+    assert "misaligned top-2" in evidence and "acc, only weak kept" in evidence
+    assert (
+        "| joint |" in evidence and "| midas |" in evidence and "unimodal" not in evidence.split("\n", 3)[-1]
+    )

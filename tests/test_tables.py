@@ -40,3 +40,13 @@ def test_markdown_cells_are_percent_mean_pm_std():
 def test_missing_metric_is_named():
     with pytest.raises(KeyError, match=r"metrics\.test/auc"):
         summarize(runs(), ["test/auc"])
+
+
+def test_column_labels_read_the_metric_names():
+    from midasbench.analysis.tables import metric_label
+
+    assert metric_label("test/acc") == "Acc"
+    assert metric_label("test/zeroed_acc_audio") == "acc, only audio kept"
+    assert metric_label("test/acc_only_weak") == "acc on weak-only subset"
+    assert metric_label("val/shapley_visual") == "Shapley visual"
+    assert metric_label("test/loss") == "loss"
