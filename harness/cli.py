@@ -162,6 +162,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import expand, load_sweep, run_sweep
+
+    spec = load_sweep(args.sweep_file)
+    plan = expand(spec, args.sweep_file)
+    if args.dry_run:
+        print(plan.table())
+        print(f"{len(plan.trials)} trials")
+        return EXIT_OK
+    outcome = run_sweep(
+        plan,
+        resume=args.resume,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        sweep_file_text=Path(args.sweep_file).read_text(),
+    )
+    print(
+        f"sweep {outcome.name}: {outcome.ran} trials run, {outcome.skipped} already done, "
+        f"{len(outcome.failed)} failed, in {outcome.seconds:.0f} s; "
+        f"MLflow parent run {outcome.parent_run_id} (experiment {outcome.experiment!r}, {outcome.tracking_uri})"
+    )
+    from midasbench.analysis import load_runs, markdown_table, summarize
+
+    children = f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'"
+    runs = load_runs(outcome.experiment, outcome.tracking_uri, children)
+    if not runs.empty:
+        metrics = ("test/acc", "test/macro_f1")
+        print()
+        print(markdown_table(summarize(runs, metrics), metrics))
+    if outcome.failed:
+        print(f"failed trials: {', '.join(outcome.failed)}; rerun with --resume", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from midasbench.datasets.splits import SPLIT_PROTOCOLS
 
@@ -212,6 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--verify", action="store_true", help="recompute the content hash")
     p.set_defaults(func=_cmd_data_info)
+
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep file on Ray Tune (one MLflow child run per trial)",
+        description="Expand a sweep file (base config + grid/random axes) into trials and run them on Ray.",
+    )
+    p.add_argument("sweep_file")
+    p.add_argument("--dry-run", action="store_true", help="print the trial table and its size, run nothing")
+    p.add_argument("--resume", action="store_true", help="finish a sweep: run only its unfinished trials")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the base config's, else ./mlflow.db)"
+    )
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("list", help="list registered methods, datasets, encoders, fusions or presets")
     p.add_argument("what", choices=["methods", "datasets", "encoders", "fusions", "presets"])

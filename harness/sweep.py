@@ -1,0 +1,488 @@
+"""Sweeps: a sweep file → a validated list of trials → Ray Tune (Ray Train per multi-worker trial) → one
+MLflow child run per trial under one parent run.
+
+A sweep file names a base config (a preset or a YAML path) with overrides, and search axes over any
+config key: ``grid`` (cartesian product; a value may be a whole section, e.g. ``method: [{name: joint},
+{name: midas, params: {lam: 5}}]``) and ``random`` distributions drawn with the sweep's own ``seed``
+(``num_samples`` draws per grid point). Trials are expanded and validated here, before Ray starts, so a
+bad axis or value fails at once naming the trial and key, and ``--dry-run`` shows exactly what will run.
+
+Execution paths (stack.md §0, §2): a single-worker trial trains inside its Tune trial process (Tune
+function trainable; no Ray Train start-up of 10-20 s per trial, and fractional GPUs let several small
+trials share one GPU); a trial with ``workers > 1`` starts a Ray Train ``TorchTrainer`` (DDP over gloo or
+NCCL) from its Tune trial, whose driver holds only a custom ``trial_slot`` resource so that it never
+starves its own workers of CPUs (the nested-trial deadlock measured on 2-CPU machines).
+
+Fault tolerance: every trial checkpoints each epoch into the sweep's storage folder under a key derived
+from its config; Tune retries a failed trial (``max_failures``) and the trainer resumes from that
+checkpoint, in the same MLflow run. ``--resume`` after the driver died re-runs only the trials whose child
+run is not FINISHED. Each trial logs to MLflow itself (rank 0), with explicit run ids, so concurrent trials
+never share logging state; the store is created in the driver first (concurrent first-time sqlite schema
+creation races, stack.md §3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .config import RunConfig, load_config
+from .errors import ConfigError
+from .params import describe_validation_error
+
+SWEEP_TAG = "midasbench.sweep"
+TRIAL_TAG = "midasbench.trial"
+STATE_FILE = "sweep_state.json"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Spec):
+    """One random axis: exactly one of the keys."""
+
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = Field(default=None, description="low inclusive, high exclusive")
+    choice: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Distribution:
+        set_keys = [k for k, v in self.model_dump().items() if v is not None]
+        if len(set_keys) != 1:
+            raise ValueError(
+                f"give exactly one of uniform, loguniform, randint, choice (got {set_keys or 'none'})"
+            )
+        if self.loguniform is not None and min(self.loguniform) <= 0:
+            raise ValueError("loguniform bounds must be > 0")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one value")
+        for bounds in (self.uniform, self.loguniform, self.randint):
+            if bounds is not None and bounds[0] >= bounds[1]:
+                raise ValueError(f"low must be below high, got {list(bounds)}")
+        return self
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        if self.uniform is not None:
+            return float(rng.uniform(*self.uniform))
+        if self.loguniform is not None:
+            low, high = np.log(self.loguniform)
+            return float(np.exp(rng.uniform(low, high)))
+        if self.randint is not None:
+            return int(rng.integers(*self.randint))
+        return self.choice[int(rng.integers(len(self.choice)))]  # type: ignore[index]
+
+
+class Resources(_Spec):
+    """Per-trial resources. ``workers > 1`` runs the trial through Ray Train (DDP)."""
+
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    gpus_per_trial: float = Field(default=0.0, ge=0, description="fractions let small trials share a GPU")
+    workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+
+
+class Scheduler(_Spec):
+    name: Literal["fifo", "asha"] = "fifo"
+    metric: str = "val/acc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(default=5, ge=1)
+    reduction_factor: float = Field(default=3.0, gt=1)
+
+
+class SweepSpec(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base: str = "synthetic"
+    overrides: list[str] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    random: dict[str, Distribution] = Field(default_factory=dict)
+    num_samples: int = Field(default=1, ge=1)
+    seed: int = 0
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    max_failures: int = Field(default=2, ge=0, description="retries of a failed trial, from its checkpoint")
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    storage: str | None = Field(default=None, description="shared folder (or s3://...) for checkpoints")
+    experiment: str | None = Field(default=None, description="MLflow experiment; default: the sweep name")
+
+    @model_validator(mode="after")
+    def _axes(self) -> SweepSpec:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid axis {key!r} is empty")
+        both = sorted(set(self.grid) & set(self.random))
+        if both:
+            raise ValueError(f"axes {both} are in both grid and random")
+        return self
+
+
+class Trial(BaseModel):
+    index: int
+    key: str
+    assignment: dict[str, Any]
+    config: dict[str, Any]
+
+
+class SweepPlan(BaseModel):
+    spec: SweepSpec
+    source: str
+    trials: list[Trial]
+
+    def table(self) -> str:
+        """The trial table that ``--dry-run`` prints."""
+        axes = list(self.spec.grid) + list(self.spec.random)
+        rows = [["trial", *axes]]
+        for trial in self.trials:
+            rows.append([trial.key, *[_short(trial.assignment.get(a)) for a in axes]])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+        return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping (name, base, grid, ...)")
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
+    base = Path(spec.base)
+    if not base.is_absolute() and (path.parent / base).is_file():  # a base config beside the sweep file
+        spec.base = str(path.parent / base)
+    return spec
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def expand(spec: SweepSpec, source: str = "sweep") -> SweepPlan:
+    """Every trial of the sweep, each config fully validated; errors name the trial and the key."""
+    rng = np.random.default_rng(spec.seed)
+    grid_keys = list(spec.grid)
+    points = list(itertools.product(*(spec.grid[k] for k in grid_keys))) or [()]
+    trials: list[Trial] = []
+    for point in points:
+        for _ in range(spec.num_samples):
+            assignment = dict(zip(grid_keys, point, strict=True))
+            assignment.update({k: d.sample(rng) for k, d in spec.random.items()})
+            overrides = [*spec.overrides, *(_override(k, v) for k, v in assignment.items())]
+            index = len(trials)
+            try:
+                cfg = load_config(spec.base, overrides)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: trial {index} ({_short(assignment)}): {exc}") from None
+            key = f"t{index:04d}-{cfg.fingerprint()[:8]}"
+            trials.append(Trial(index=index, key=key, assignment=assignment, config=cfg.to_dict()))
+    keys = [t.key for t in trials]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{source}: two trials have the same config; remove the duplicate grid values")
+    return SweepPlan(spec=spec, source=source, trials=trials)
+
+
+# ------------------------------------------------------------------------------------------- execution
+
+
+def storage_root(spec: SweepSpec) -> Path:
+    return Path(spec.storage or Path(".midasbench") / "sweeps").expanduser().resolve() / spec.name
+
+
+def _trial_payload(plan: SweepPlan, trial: Trial, root: Path, uri: str, experiment: str, parent: str) -> dict:
+    from .trainer import clone_config
+
+    cfg = clone_config(
+        RunConfig.model_validate(trial.config),
+        {
+            "train.checkpoint_dir": str(root / "checkpoints" / trial.key),
+            "train.progress": False,
+            "tracking.enabled": True,
+            "tracking.uri": uri,
+            "tracking.experiment": experiment,
+            "tracking.tags": {
+                **trial.config["tracking"]["tags"],
+                "mlflow.parentRunId": parent,
+                SWEEP_TAG: plan.spec.name,
+                TRIAL_TAG: trial.key,
+            },
+        },
+    )
+    return {"config": cfg.to_dict(), "resources": plan.spec.resources.model_dump(), "key": trial.key}
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+
+
+def _with_node_tag(config: dict[str, Any]) -> RunConfig:
+    """The trial's config, tagged with the Ray node that runs it."""
+    import ray
+
+    from .config import build_config
+
+    cfg = build_config(config, "sweep trial")
+    cfg.tracking.tags = {**cfg.tracking.tags, "ray.node_id": ray.get_runtime_context().get_node_id()}
+    return cfg
+
+
+def _train_in_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker loop (every rank): the unchanged trainer under torch.distributed."""
+    import ray.train
+
+    from .trainer import train
+
+    def report(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        ray.train.report({"epoch": epoch, **_numeric(metrics)})  # every rank must report
+
+    train(_with_node_tag(loop_config), callbacks=[report])
+
+
+def run_trial(tune_config: dict[str, Any]) -> None:
+    """The Tune function trainable: one sweep trial."""
+    from ray import tune
+
+    payload = tune_config["trial"]
+    resources = Resources.model_validate(payload["resources"])
+    if resources.workers == 1:
+        from .trainer import train
+
+        def report(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+            tune.report({"epoch": epoch, **_numeric(metrics)})
+
+        train(_with_node_tag(payload["config"]), callbacks=[report])
+        return
+
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
+    root = Path(payload["config"]["train"]["checkpoint_dir"]).parent.parent
+    trainer = TorchTrainer(
+        _train_in_worker,
+        train_loop_config=payload["config"],
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"train-{payload['key']}",
+            storage_path=str(root / "ray_train"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+def _trial_resources(resources: Resources) -> dict[str, float]:
+    if resources.workers == 1:
+        out = {"cpu": resources.cpus_per_trial}
+        if resources.gpus_per_trial:
+            out["gpu"] = resources.gpus_per_trial
+        return out
+    return {"trial_slot": 1}  # the Train driver: no CPU, so it never starves its own workers
+
+
+def check_fits(spec: SweepSpec, cluster: dict[str, float]) -> int | None:
+    """Refuse a sweep whose single trial cannot fit the cluster, and cap concurrency so that multi-worker
+    trials never hold drivers without workers; returns the max_concurrent_trials to use."""
+    r = spec.resources
+    if r.workers == 1:
+        need = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}
+    else:
+        need = {"CPU": r.workers * r.cpus_per_worker, "GPU": r.workers * r.gpus_per_worker, "trial_slot": 1}
+    for name, amount in need.items():
+        if amount > cluster.get(name, 0.0) + 1e-9:
+            raise ConfigError(
+                f"resources: one trial needs {amount:g} {name} "
+                f"but the Ray cluster has {cluster.get(name, 0):g}"
+                + (" (start it with a trial_slot resource, see cluster.yaml)" if name == "trial_slot" else "")
+            )
+    if r.workers == 1:
+        return spec.max_concurrent_trials
+    fit = int(cluster.get("CPU", 0) // (r.workers * r.cpus_per_worker))
+    if r.gpus_per_worker:
+        fit = min(fit, int(cluster.get("GPU", 0) // (r.workers * r.gpus_per_worker)))
+    fit = max(fit, 1)
+    return min(fit, spec.max_concurrent_trials) if spec.max_concurrent_trials else fit
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to a cluster, or start a local instance whose CPUs double as trial slots."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no boxed experiment banner (stack.md §8.6)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no boxed experiment banner (stack.md §8.6)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="error")
+        return
+    cpus = os.cpu_count() or 1
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        resources={"trial_slot": cpus},
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="error",
+    )
+
+
+class SweepOutcome(BaseModel):
+    name: str
+    parent_run_id: str
+    experiment: str
+    tracking_uri: str
+    trials: int
+    ran: int
+    skipped: int
+    failed: list[str]
+    seconds: float
+
+
+def _finished_trials(client: Any, experiment_id: str, parent: str) -> dict[str, str]:
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'",
+        max_results=50000,
+    )
+    return {r.data.tags.get(TRIAL_TAG, ""): r.info.run_id for r in runs}
+
+
+def run_sweep(
+    plan: SweepPlan,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    sweep_file_text: str | None = None,
+    echo: bool = True,
+) -> SweepOutcome:
+    """Run (or, with ``resume``, finish) a sweep; returns what ran and what failed."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from .tracking import ensure_experiment, resolve_tracking_uri
+
+    start = time.time()
+    spec = plan.spec
+    root = storage_root(spec)
+    state_path = root / STATE_FILE
+    uri = resolve_tracking_uri(tracking_uri or plan.trials[0].config["tracking"]["uri"])
+    experiment = spec.experiment or spec.name
+    experiment_id = ensure_experiment(uri, experiment)  # create the store once, here, before any trial
+    client = MlflowClient(tracking_uri=uri)
+
+    if state_path.is_file():
+        if not resume:
+            raise ConfigError(
+                f"sweep {spec.name!r} already has state in {root}; add --resume to finish it, "
+                "or give the sweep another name"
+            )
+        state = json.loads(state_path.read_text())
+        parent = state["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+    else:
+        parent = client.create_run(
+            experiment_id, run_name=spec.name, tags={SWEEP_TAG: spec.name, "midasbench.sweep_parent": "true"}
+        ).info.run_id
+        client.log_text(parent, sweep_file_text or yaml.safe_dump(spec.model_dump(mode="json")), "sweep.yaml")
+        client.log_text(parent, plan.table(), "trials.txt")
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(state_path, json.dumps({"parent_run_id": parent, "experiment": experiment, "uri": uri}))
+
+    done = _finished_trials(client, experiment_id, parent)
+    pending = [t for t in plan.trials if t.key not in done]
+    if echo:
+        print(
+            f"sweep {spec.name}: {len(plan.trials)} trials, {len(done)} already finished, "
+            f"{len(pending)} to run; MLflow parent run {parent} in {uri}"
+        )
+    failed: list[str] = []
+    if pending:
+        init_ray(address)
+        max_concurrent = check_fits(spec, ray.cluster_resources())
+        payloads = [_trial_payload(plan, t, root, uri, experiment, parent) for t in pending]
+        scheduler = None
+        if spec.scheduler.name == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            epochs = max(p["config"]["train"]["epochs"] for p in payloads)
+            scheduler = ASHAScheduler(
+                time_attr="training_iteration",
+                metric=spec.scheduler.metric,
+                mode=spec.scheduler.mode,
+                max_t=epochs,
+                grace_period=spec.scheduler.grace_period,
+                reduction_factor=spec.scheduler.reduction_factor,
+            )
+        tuner = tune.Tuner(
+            tune.with_resources(run_trial, _trial_resources(spec.resources)),
+            param_space={"trial": tune.grid_search(payloads)},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=max_concurrent,
+                scheduler=scheduler,
+                reuse_actors=spec.resources.workers == 1,
+                trial_name_creator=lambda trial: trial.config["trial"]["key"],
+                trial_dirname_creator=lambda trial: trial.config["trial"]["key"],
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(root),
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                verbose=0,
+            ),
+        )
+        grid = tuner.fit()
+        for result in grid:
+            if result.error is not None:
+                failed.append(str(result.config["trial"]["key"]))
+    done = _finished_trials(client, experiment_id, parent)
+    failed = sorted(
+        set(failed) | {t.key for t in plan.trials if t.key not in done and spec.scheduler.name == "fifo"}
+    )
+    client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+    return SweepOutcome(
+        name=spec.name,
+        parent_run_id=parent,
+        experiment=experiment,
+        tracking_uri=uri,
+        trials=len(plan.trials),
+        ran=len(pending),
+        skipped=len(plan.trials) - len(pending),
+        failed=failed,
+        seconds=time.time() - start,
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
