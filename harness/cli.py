@@ -181,7 +181,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(
         f"sweep {outcome.name}: {outcome.ran} trials run, {outcome.skipped} already done, "
         f"{len(outcome.failed)} failed, in {outcome.seconds:.0f} s; "
-        f"MLflow parent run {outcome.parent_run_id} (experiment {outcome.experiment!r}, {outcome.tracking_uri})"
+        f"MLflow parent run {outcome.parent_run_id} "
+        f"(experiment {outcome.experiment!r}, {outcome.tracking_uri})"
     )
     from midasbench.analysis import load_runs, markdown_table, summarize
 
