@@ -198,6 +198,24 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_tune_lambda(args: argparse.Namespace) -> int:
+    from .lambda_tuning import lambda_sweep_spec, tune_lambda
+
+    lambdas = tuple(float(v) for v in args.lambdas.split(","))
+    spec = lambda_sweep_spec(
+        args.dataset,
+        lambdas,
+        seeds=args.seeds,
+        method=args.method,
+        overrides=args.overrides,
+        storage=args.storage,
+        asha=args.asha,
+    )
+    choice = tune_lambda(spec, args.dataset, resume=args.resume, address=args.address)
+    print(choice.markdown)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from midasbench.datasets.splits import SPLIT_PROTOCOLS
 
@@ -248,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--verify", action="store_true", help="recompute the content hash")
     p.set_defaults(func=_cmd_data_info)
+
+    tune_parser = sub.add_parser("tune", help="tune a hyperparameter per dataset on validation accuracy")
+    tune_sub = tune_parser.add_subparsers(dest="tune_command", required=True, metavar="WHAT")
+    p = tune_sub.add_parser("lambda", help="choose MIDAS's λ for a dataset (paper Table 6), never on test")
+    p.add_argument("--dataset", required=True, help="a dataset preset, e.g. synthetic, avdigits, cremad")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every trial")
+    p.add_argument("--lambdas", default="0.5,1,2,5,10,20", help="comma-separated λ values")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--method", default="midas", help="midas or midas-code")
+    p.add_argument("--storage", help="sweep storage folder (default ./.midasbench/sweeps)")
+    p.add_argument("--asha", action="store_true", help="stop poor λ early with ASHA (large searches)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    p.set_defaults(func=_cmd_tune_lambda)
 
     p = sub.add_parser(
         "sweep",

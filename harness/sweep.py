@@ -38,10 +38,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .config import RunConfig, load_config
 from .errors import ConfigError
 from .params import describe_validation_error
+from .tracking import IDENTITY_TAG
 
 SWEEP_TAG = "midasbench.sweep"
-TRIAL_TAG = "midasbench.trial"
+TRIAL_TAG = IDENTITY_TAG
 STATE_FILE = "sweep_state.json"
+CHAOS_FILE = "chaos.json"
 
 
 class _Spec(BaseModel):
@@ -247,6 +249,29 @@ def _with_node_tag(config: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def chaos_callback(checkpoint_dir: str, key: str) -> Any:
+    """Fault injection for resilience checks: a file ``<sweep storage>/chaos.json`` holding
+    ``{"trial": KEY, "epoch": E}`` kills the process of that trial once, right after epoch E was
+    checkpointed (the file is consumed first), as a crashed worker would die."""
+    path = Path(checkpoint_dir).parent.parent / CHAOS_FILE
+
+    def callback(epoch: int, metrics: dict[str, float], directory: Path) -> None:
+        if not path.is_file():
+            return
+        try:
+            order = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return
+        if order.get("trial") == key and order.get("epoch") == epoch:
+            try:
+                path.unlink()  # claim it: the retried trial must not die again
+            except FileNotFoundError:
+                return
+            os._exit(17)
+
+    return callback
+
+
 def _train_in_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop (every rank): the unchanged trainer under torch.distributed."""
     import ray.train
@@ -256,7 +281,9 @@ def _train_in_worker(loop_config: dict[str, Any]) -> None:
     def report(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
         ray.train.report({"epoch": epoch, **_numeric(metrics)})  # every rank must report
 
-    train(_with_node_tag(loop_config), callbacks=[report])
+    cfg = _with_node_tag(loop_config)
+    key = cfg.tracking.tags[TRIAL_TAG]
+    train(cfg, callbacks=[report, chaos_callback(cfg.train.checkpoint_dir, key)])
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
@@ -271,7 +298,8 @@ def run_trial(tune_config: dict[str, Any]) -> None:
         def report(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
             tune.report({"epoch": epoch, **_numeric(metrics)})
 
-        train(_with_node_tag(payload["config"]), callbacks=[report])
+        cfg = _with_node_tag(payload["config"])
+        train(cfg, callbacks=[report, chaos_callback(cfg.train.checkpoint_dir, payload["key"])])
         return
 
     import ray.train

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+IDENTITY_TAG = "midasbench.trial"  # a sweep trial's key: with its parent run, identifies its one MLflow run
 MAX_PARAM_LENGTH = 6000
 
 
@@ -155,11 +156,30 @@ class MlflowTracker:
             self.set_tags({"midasbench.resumed": "true"})
             return
         experiment_id = ensure_experiment(self.uri, self.experiment)
+        adopted = self._unfinished_run_with_identity(experiment_id, tags)
+        if adopted is not None:  # a sweep trial that died before its first checkpoint: same run again
+            self.run_id = adopted
+            self.client.update_run(adopted, status="RUNNING")
+            self.set_tags({"midasbench.resumed": "true"})
+            return
         run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), 90):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 90])
+
+    def _unfinished_run_with_identity(self, experiment_id: str, tags: dict[str, str]) -> str | None:
+        """An earlier, unfinished run of the same sweep trial (same parent run and trial key), if any."""
+        parent, trial = tags.get("mlflow.parentRunId"), tags.get(IDENTITY_TAG)
+        if not parent or not trial:
+            return None
+        runs = self.client.search_runs(
+            [experiment_id],
+            f"tags.mlflow.parentRunId = '{parent}' and tags.`{IDENTITY_TAG}` = '{trial}' "
+            "and attributes.status != 'FINISHED'",
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
