@@ -1,0 +1,248 @@
+"""Sweeps on local Ray: trial expansion and validation, parent/child MLflow runs, retries, resume, λ tuning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from midasbench.harness.cli import EXIT_OK, EXIT_USAGE, main
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.lambda_tuning import choose_lambda
+from midasbench.harness.sweep import CHAOS_FILE, TRIAL_TAG, expand, load_sweep, run_sweep
+
+
+def tiny_overrides(data_root, options) -> list[str]:
+    return [
+        f"data.root={data_root}",
+        f"data.options={json.dumps(options)}",
+        "model.default_encoder.params={hidden: [16], out_dim: 8}",
+        "train.epochs=3",
+        "train.batch_size=32",
+    ]
+
+
+def write_sweep(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def children(uri: str, experiment: str, parent: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_expansion_grid_random_and_dry_run(tmp_path, capsys):
+    path = write_sweep(
+        tmp_path / "s.yaml",
+        name="exp",
+        base="synthetic",
+        grid={
+            "method": [{"name": "joint"}, {"name": "midas", "params": {"lam": 2.0}}],
+            "train.seed": [0, 1, 2],
+        },
+        random={"optimizer.lr": {"loguniform": [0.001, 0.1]}},
+        num_samples=2,
+        seed=7,
+    )
+    plan = expand(load_sweep(path))
+    assert len(plan.trials) == 12
+    lrs = [t.config["optimizer"]["lr"] for t in plan.trials]
+    assert all(0.001 <= lr <= 0.1 for lr in lrs) and len(set(lrs)) == 12
+    assert [t.config["optimizer"]["lr"] for t in expand(load_sweep(path)).trials] == lrs  # seeded
+    assert plan.trials[6].config["method"]["params"]["lam"] == 2.0  # method is the outer grid axis
+    assert main(["sweep", str(path), "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.strip().endswith("12 trials") and "t0011-" in out
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"grid": {"train.epoch": [1, 2]}}, r"trial 0 .*train\.epoch: unknown key"),
+        ({"grid": {"train.seed": []}}, "grid axis 'train.seed' is empty"),
+        ({"grid": {"method.name": ["joint", "nope"]}}, r"trial 1 .*unknown method 'nope'"),
+        ({"grid": {"method.name": ["joint"]}, "gird": {}}, "gird: unknown key"),
+        ({"random": {"optimizer.lr": {"uniform": [1, 0.5]}}}, "low must be below high"),
+        ({"random": {"optimizer.lr": {"normal": [0, 1]}}}, "normal: unknown key"),
+    ],
+)
+def test_bad_sweep_files_fail_before_any_trial(tmp_path, capsys, fields, message):
+    path = write_sweep(tmp_path / "bad.yaml", name="bad", base="synthetic", **fields)
+    with pytest.raises(ConfigError, match=message):
+        expand(load_sweep(path), str(path))
+    assert main(["sweep", str(path), "--dry-run"]) == EXIT_USAGE
+    assert "bad.yaml" in capsys.readouterr().err
+    assert not (tmp_path / ".midasbench").exists()
+
+
+def test_lambda_is_chosen_on_validation_not_test():
+    runs = pd.DataFrame(
+        {
+            "params.method.params.lam": ["1.0", "1.0", "5.0", "5.0", "2.0", "2.0"],
+            "metrics.best/val_acc": [0.70, 0.72, 0.71, 0.71, 0.70, 0.72],
+            "metrics.test/acc": [0.60, 0.60, 0.90, 0.90, 0.50, 0.50],
+        }
+    )
+    chosen, table = choose_lambda(runs)
+    assert chosen == 1.0  # val means tie at 0.71 for λ = 1, 2 and 5: the smaller λ; test (λ=5 best) ignored
+    assert table["n"].tolist() == [2, 2, 2]
+    assert table.set_index("lam").loc[5.0, "test_mean"] == pytest.approx(0.9)
+
+
+@pytest.mark.ray
+def test_two_methods_two_seeds_give_four_child_runs_under_one_parent(
+    ray_session, tmp_path, data_root, tiny_options, mlflow_uri
+):
+    path = write_sweep(
+        tmp_path / "s.yaml",
+        name="grid4",
+        base="synthetic",
+        overrides=tiny_overrides(data_root, tiny_options),
+        grid={
+            "method": [{"name": "joint"}, {"name": "midas", "params": {"warmup_epochs": 1}}],
+            "train.seed": [0, 1],
+        },
+        storage=str(tmp_path / "store"),
+    )
+    outcome = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, echo=False)
+    assert (outcome.trials, outcome.ran, outcome.failed) == (4, 4, [])
+    runs = children(mlflow_uri, "grid4", outcome.parent_run_id)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags[TRIAL_TAG] for r in runs}) == 4
+    assert all("test/acc" in r.data.metrics and r.data.tags.get("ray.node_id") for r in runs)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"
+    assert "sweep.yaml" in {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    # a finished sweep is not silently re-run
+    with pytest.raises(ConfigError, match="--resume"):
+        run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, echo=False)
+    again = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, resume=True, echo=False)
+    assert (again.ran, again.skipped) == (0, 4)
+
+
+@pytest.mark.ray
+def test_a_killed_trial_is_retried_from_its_checkpoint_with_the_same_metrics(
+    ray_session, tmp_path, data_root, tiny_options, mlflow_uri
+):
+    common = {
+        "base": "synthetic",
+        "overrides": [
+            *tiny_overrides(data_root, tiny_options),
+            "train.epochs=4",
+            "model.default_encoder.params.dropout=0.2",
+        ],
+        "grid": {"train.seed": [3]},
+    }
+    calm = run_sweep(
+        expand(
+            load_sweep(
+                write_sweep(tmp_path / "calm.yaml", name="calm", storage=str(tmp_path / "calm"), **common)
+            )
+        ),
+        tracking_uri=mlflow_uri,
+        echo=False,
+    )
+    chaos_spec = load_sweep(
+        write_sweep(
+            tmp_path / "chaos.yaml", name="chaos", storage=str(tmp_path / "chaos"), max_failures=1, **common
+        )
+    )
+    plan = expand(chaos_spec)
+    store = tmp_path / "chaos" / "chaos"
+    store.mkdir(parents=True)
+    (store / CHAOS_FILE).write_text(json.dumps({"trial": plan.trials[0].key, "epoch": 1}))
+    outcome = run_sweep(plan, tracking_uri=mlflow_uri, echo=False)
+    assert outcome.failed == [] and not (store / CHAOS_FILE).exists()  # the worker did die once
+    (calm_run,) = children(mlflow_uri, "calm", calm.parent_run_id)
+    (chaos_run,) = children(mlflow_uri, "chaos", outcome.parent_run_id)  # still exactly one run
+    assert chaos_run.info.status == "FINISHED" and chaos_run.data.tags.get("midasbench.resumed") == "true"
+    for key in ("test/acc", "test/macro_f1", "test/loss", "best_epoch"):
+        assert chaos_run.data.metrics[key] == calm_run.data.metrics[key], key
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_driver_resumes_with_no_duplicate_or_missing_runs(tmp_path, data_root, tiny_options):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_sweep(
+        tmp_path / "s.yaml",
+        name="resumable",
+        base="synthetic",
+        overrides=[*tiny_overrides(data_root, tiny_options), "train.epochs=6"],
+        grid={"train.seed": [0, 1, 2, 3]},
+        storage=str(tmp_path / "store"),
+        resources={"cpus_per_trial": 2},  # one trial at a time: the kill lands between trials
+    )
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, "-m", "midasbench.harness.cli", "sweep", str(path), "--tracking-uri", uri]
+    driver = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = MlflowClient(tracking_uri=uri)
+    deadline = time.time() + 240
+    parent = None
+    while time.time() < deadline:
+        time.sleep(1)
+        state = tmp_path / "store" / "resumable" / "sweep_state.json"
+        if parent is None and state.is_file():
+            parent = json.loads(state.read_text())["parent_run_id"]
+        if parent and sum(r.info.status == "FINISHED" for r in children(uri, "resumable", parent)) >= 1:
+            break
+    assert parent is not None, "the sweep never started"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started
+    driver.wait()
+    finished_before = sum(r.info.status == "FINISHED" for r in children(uri, "resumable", parent))
+    assert 1 <= finished_before < 4
+    done = subprocess.run(
+        [*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{finished_before} already done" in done.stdout
+    runs = children(uri, "resumable", parent)
+    keys = [r.data.tags[TRIAL_TAG] for r in runs]
+    assert len(runs) == 4 and len(set(keys)) == 4  # one run per trial: none missing, none duplicated
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.ray
+def test_tune_lambda_end_to_end(ray_session, tmp_path, data_root, tiny_options, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        [
+            "tune",
+            "lambda",
+            "--dataset",
+            "synthetic",
+            "--lambdas",
+            "0.5,4",
+            "--seeds",
+            "1",
+            "--storage",
+            str(tmp_path / "store"),
+            *tiny_overrides(data_root, tiny_options),
+            "method.params.warmup_epochs=1",
+        ]
+    )
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "chosen on validation accuracy: λ =" in out and "| 0.5" in out and "| 4" in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("lambda-synthetic-midas").experiment_id],
+        "tags.`midasbench.sweep_parent` = 'true'",
+    )
+    assert parent.data.tags["lambda.chosen"] in {"0.5", "4"}
