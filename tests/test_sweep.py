@@ -1,4 +1,4 @@
-"""Sweeps on local Ray: trial expansion and validation, parent/child MLflow runs, retries, resume, λ tuning."""
+"""Sweeps on local Ray: trial expansion, validation, parent/child MLflow runs, retries, resume, λ tuning."""
 
 import json
 import os
@@ -192,7 +192,6 @@ def test_a_killed_driver_resumes_with_no_duplicate_or_missing_runs(tmp_path, dat
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    client = MlflowClient(tracking_uri=uri)
     deadline = time.time() + 240
     parent = None
     while time.time() < deadline:
