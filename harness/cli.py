@@ -150,13 +150,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         preset=args.preset,
         experiment=args.experiment,
         overrides=args.overrides,
-        use_ray=not args.no_ray,
+        address=args.address,
+        ddp_check=not args.no_ddp_check,
     )
     print()
     print(result.table)
     print()
+    if result.ddp_check:
+        print(result.ddp_check)
     print(
-        f"{result.runs} runs in {result.seconds:.0f} s; "
+        f"{result.runs} runs in {result.seconds:.0f} s (parent run {result.parent_run_id}); "
         f"see them with: mlflow ui --backend-store-uri {result.tracking_uri}"
     )
     return EXIT_OK
@@ -306,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--preset", default="synthetic", help="an offline dataset preset: synthetic or avdigits")
     p.add_argument("--experiment", default="midasbench-demo")
-    p.add_argument("--no-ray", action="store_true", help="run the trials one after another in this process")
+    p.add_argument("--address", help="Ray cluster address (default: a local Ray instance)")
+    p.add_argument("--no-ddp-check", action="store_true", help="skip the 2-worker Ray Train trial at the end")
     p.set_defaults(func=_cmd_demo)
     return parser
 

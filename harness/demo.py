@@ -1,59 +1,79 @@
 """``midasbench demo``: the main job on embedded defaults, small enough for a 2-core laptop.
 
-Joint training against each unimodal baseline on the offline ``synthetic`` dataset, over several init
-seeds, run as parallel tasks on a local Ray instance, each logged as an MLflow run in the working
-directory's ``mlflow.db``; then the runs are read back from MLflow and printed as a mean ± std table.
+A real sweep (``harness/sweep.py``) on a local Ray instance: Joint training, MIDAS and one unimodal
+baseline per modality, over several init seeds, on an offline dataset; one MLflow child run per trial under
+one parent, in the working directory's ``mlflow.db``. Single-worker trials run inside their Ray Tune trial
+processes; a final check trains one trial with two DDP workers through Ray Train, so both execution paths
+run. The tables are read back from MLflow.
 """
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, load_config
-from .tracking import ensure_experiment, resolve_tracking_uri
-from .trainer import clone_config, dataset_path, train
+from .config import load_config
+from .sweep import SweepSpec, expand, run_sweep
+from .tracking import resolve_tracking_uri
+from .trainer import dataset_path
 
-SESSION_TAG = "midasbench.session"
+DEMO_METHODS = ("joint", "midas")
 DEMO_METRICS = ("test/acc", "test/macro_f1")
 
 
 @dataclass
 class DemoResult:
-    session: str
     experiment: str
     tracking_uri: str
+    parent_run_id: str
     table: str
     runs: int
     seconds: float
+    ddp_check: str | None = None
 
 
-DEMO_METHODS = ("joint", "midas")
+def demo_spec(
+    preset: str, modalities: list[str], seeds: int, experiment: str, overrides: list[str], name: str
+) -> SweepSpec:
+    """Joint training, MIDAS and one unimodal baseline per modality, for every seed."""
+    methods: list[dict[str, Any]] = [{"name": m} for m in DEMO_METHODS]
+    methods += [{"name": "unimodal", "params": {"modality": m}} for m in modalities]
+    return SweepSpec.model_validate(
+        {
+            "name": name,
+            "base": preset,
+            "overrides": overrides,
+            "grid": {"method": methods, "train.seed": list(range(seeds))},
+            "experiment": experiment,
+        }
+    )
 
 
-def trial_configs(base: RunConfig, modalities: list[str], seeds: list[int], session: str) -> list[RunConfig]:
-    """Joint training, MIDAS and one unimodal baseline per modality, for every seed (the demo's grid)."""
-    methods: list[dict[str, Any]] = [{"method.name": name, "method.params": {}} for name in DEMO_METHODS]
-    methods += [{"method.name": "unimodal", "method.params": {"modality": m}} for m in modalities]
-    return [
-        clone_config(
-            base,
-            {**method, "train.seed": seed, "tracking.tags": {**base.tracking.tags, SESSION_TAG: session}},
-        )
-        for method in methods
-        for seed in seeds
-    ]
+def _ddp_check(preset: str, experiment: str, overrides: list[str], name: str, uri: str) -> str:
+    """One joint trial with 2 DDP workers through Ray Train (gloo on CPU)."""
+    spec = SweepSpec.model_validate(
+        {
+            "name": name,
+            "base": preset,
+            "overrides": [*overrides, "method.name=joint"],
+            "grid": {"train.seed": [0]},
+            "experiment": experiment,
+            "resources": {"workers": 2, "cpus_per_worker": 1},
+            "max_failures": 0,
+        }
+    )
+    outcome = run_sweep(expand(spec, "demo DDP check"), tracking_uri=uri, echo=False)
+    if outcome.failed:
+        return "Ray Train DDP check (2 workers): FAILED"
+    from midasbench.analysis import load_runs
 
-
-def _run_trial(config: dict[str, Any]) -> dict[str, Any]:
-    from .config import build_config
-
-    result = train(build_config(config, "demo trial"))
-    return {"method": result.method, "run_id": result.run_id, "test": result.test}
+    runs = load_runs(experiment, uri, f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
+    acc = float(runs["metrics.test/acc"].iloc[0])
+    return (
+        f"Ray Train DDP check: joint, seed 0, 2 workers → test acc {100 * acc:.2f} ({outcome.seconds:.0f} s)"
+    )
 
 
 def run_demo(
@@ -62,67 +82,33 @@ def run_demo(
     preset: str = "synthetic",
     experiment: str = "midasbench-demo",
     overrides: list[str] | None = None,
-    num_cpus: int | None = None,
-    use_ray: bool = True,
+    address: str | None = None,
+    ddp_check: bool = True,
     echo: bool = True,
 ) -> DemoResult:
     from midasbench.analysis import load_runs, markdown_table, summarize
     from midasbench.datasets import ArrowDataset
 
+    from .sweep import init_ray
+
     start = time.time()
-    workdir = Path.cwd()
     uri = resolve_tracking_uri(None)
-    base = load_config(
-        preset,
-        [
-            f"tracking.experiment={experiment}",
-            f"tracking.uri={uri}",
-            "train.progress=false",
-            "train.checkpoint_dir=null",
-            *(overrides or []),
-        ],
-    )
-    # Build the dataset and the MLflow store once, in the driver, before any trial starts.
-    data_dir = dataset_path(base)
-    base = clone_config(base, {"data.path": str(data_dir.resolve())})
-    ensure_experiment(uri, experiment)
-    session = uuid.uuid4().hex[:12]
-    modalities = ArrowDataset(data_dir).manifest.modality_names
-    configs = trial_configs(base, modalities, list(range(seeds)), session)
-    for cfg in configs:  # absolute checkpoint paths: Ray workers may run in another directory
-        cfg.train.checkpoint_dir = str(workdir / ".midasbench" / "checkpoints" / cfg.fingerprint())
+    common = ["train.progress=false", *(overrides or [])]
+    base = load_config(preset, common)
+    modalities = ArrowDataset(dataset_path(base)).manifest.modality_names  # built here, once
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    spec = demo_spec(preset, modalities, seeds, experiment, common, f"demo-{preset}-{stamp}")
+    plan = expand(spec, "demo")
     if echo:
         print(
-            f"demo: {len(configs)} runs ({' + '.join(DEMO_METHODS)} + {len(modalities)} unimodal, "
-            f"× {seeds} seeds) on "
-            f"{base.data.name}; MLflow store {uri}, experiment {experiment!r}"
+            f"demo: a sweep of {len(plan.trials)} trials ({' + '.join(DEMO_METHODS)} + {len(modalities)} "
+            f"unimodal, × {seeds} seeds) on {base.data.name}; MLflow {uri}, experiment {experiment!r}"
         )
-
-    payloads = [cfg.to_dict() for cfg in configs]
-    if use_ray:
-        import ray
-
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(
-                address="local",
-                num_cpus=num_cpus or min(2, os.cpu_count() or 1),
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level="error",
-                object_store_memory=256 * 2**20,
-            )
-        try:
-            task = ray.remote(num_cpus=1)(_run_trial)
-            results = ray.get([task.remote(p) for p in payloads])
-        finally:
-            if started_here:
-                ray.shutdown()
-    else:
-        results = [_run_trial(p) for p in payloads]
-
-    runs = load_runs(experiment, uri, filter_string=f"tags.`{SESSION_TAG}` = '{session}'")
+    init_ray(address)
+    outcome = run_sweep(plan, tracking_uri=uri, echo=False)
+    if outcome.failed:
+        raise RuntimeError(f"demo trials failed: {', '.join(outcome.failed)}")
+    runs = load_runs(experiment, uri, f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
     table = markdown_table(summarize(runs, DEMO_METRICS), DEMO_METRICS)
     evidence = [f"test/{k}" for k in ("mis_top2", *(f"zeroed_acc_{m}" for m in modalities))]
     evidence += [f"test/acc_only_{m}" for m in modalities if f"metrics.test/acc_only_{m}" in runs.columns]
@@ -131,11 +117,13 @@ def run_demo(
         "\n\nModality use (fused-head methods; 'only m kept': the other modalities' features zeroed):\n\n"
     )
     table += markdown_table(summarize(fused, evidence), evidence)
+    check = _ddp_check(preset, experiment, common, f"demo-ddp-{stamp}", uri) if ddp_check else None
     return DemoResult(
-        session=session,
         experiment=experiment,
         tracking_uri=uri,
+        parent_run_id=outcome.parent_run_id,
         table=table,
-        runs=len(results),
+        runs=len(runs),
         seconds=time.time() - start,
+        ddp_check=check,
     )

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 def test_demo_runs_on_ray_and_prints_the_mean_std_table(
     ray_session, tmp_path, monkeypatch, data_root, tiny_options
 ):
-    from midasbench.harness.demo import SESSION_TAG, run_demo
+    from midasbench.harness.demo import run_demo
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -23,12 +23,15 @@ def test_demo_runs_on_ray_and_prints_the_mean_std_table(
             "train.epochs=2",
             "model.default_encoder.params={hidden: [8], out_dim: 8}",
         ],
+        ddp_check=False,  # the session Ray instance has no trial_slot resource; test_sweep covers workers>1
         echo=False,
     )
     assert result.runs == 8  # joint, midas, unimodal[strong], unimodal[weak]; 2 seeds each
     client = MlflowClient(tracking_uri=result.tracking_uri)
     experiment = client.get_experiment_by_name("demo-test")
-    runs = client.search_runs([experiment.experiment_id], f"tags.`{SESSION_TAG}` = '{result.session}'")
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'"
+    )
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
     assert result.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     lines = result.table.splitlines()

@@ -245,3 +245,39 @@ def test_tune_lambda_end_to_end(ray_session, tmp_path, data_root, tiny_options, 
         "tags.`midasbench.sweep_parent` = 'true'",
     )
     assert parent.data.tags["lambda.chosen"] in {"0.5", "4"}
+
+
+@pytest.mark.ray
+def test_a_multi_worker_trial_runs_ddp_through_ray_train(
+    ray_session, tmp_path, data_root, tiny_options, mlflow_uri
+):
+    path = write_sweep(
+        tmp_path / "ddp.yaml",
+        name="ddp",
+        base="synthetic",
+        overrides=tiny_overrides(data_root, tiny_options),
+        grid={"train.seed": [0]},
+        resources={"workers": 2, "cpus_per_worker": 1},
+        storage=str(tmp_path / "store"),
+        max_failures=0,
+    )
+    outcome = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, echo=False)
+    assert outcome.failed == []
+    (run,) = children(mlflow_uri, "ddp", outcome.parent_run_id)  # rank 0 alone logs: one run
+    assert run.info.status == "FINISHED" and "test/acc" in run.data.metrics
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1, 2]
+    assert (tmp_path / "store" / "ddp" / "ray_train").is_dir()  # it went through Ray Train
+
+
+def test_resources_that_cannot_fit_are_refused():
+    from midasbench.harness.sweep import SweepSpec, check_fits
+
+    spec = SweepSpec(name="x", resources={"workers": 3, "cpus_per_worker": 1})
+    with pytest.raises(ConfigError, match="one trial needs 3 CPU but the Ray cluster has 2"):
+        check_fits(spec, {"CPU": 2, "trial_slot": 2})
+    with pytest.raises(ConfigError, match="trial_slot"):
+        check_fits(SweepSpec(name="x", resources={"workers": 2}), {"CPU": 4})
+    # multi-worker trials are capped so that drivers never wait on workers that cannot start
+    assert check_fits(SweepSpec(name="x", resources={"workers": 2}), {"CPU": 5, "trial_slot": 5}) == 2
+    assert check_fits(SweepSpec(name="x", resources={"gpus_per_trial": 0.25}), {"CPU": 2, "GPU": 1}) is None
