@@ -112,6 +112,7 @@ def build_dataset(
     write_pool(
         pool,
         directory,
+        replace_existing=force,  # a concurrent identical build that finished first is kept
         name=name,
         version=builder_cls.version,
         description=builder_cls.description,
@@ -132,6 +133,7 @@ def write_pool(
     split: str,
     split_seed: int,
     build_options: dict[str, Any],
+    replace_existing: bool = True,
 ) -> None:
     """Apply the split protocol to a pool and write the canonical directory."""
     indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, name)
@@ -146,6 +148,7 @@ def write_pool(
         build_options=build_options,
         modality_kinds=pool.modality_kinds,
         description=description,
+        replace_existing=replace_existing,
     )
 
 

@@ -192,8 +192,12 @@ def write_dataset(
     modality_kinds: Mapping[str, str] | None = None,
     description: str = "",
     chunk_rows: int | None = None,
+    replace_existing: bool = True,
 ) -> Manifest:
     """Write a dataset directory atomically and return its manifest.
+
+    ``replace_existing=False`` keeps a complete dataset that another process finished first (concurrent
+    builds of the same deterministic dataset), so readers never see the directory swapped under them.
 
     The directory is first written under a hidden temporary sibling name; ``manifest.json`` is written
     last and the directory is then renamed into place (replacing an older version, if any). A crash at
@@ -262,6 +266,9 @@ def write_dataset(
         manifest_path = tmp / MANIFEST_NAME
         manifest_path.write_text(manifest.model_dump_json(indent=2))
         _fsync(manifest_path)
+        if not replace_existing and (target / MANIFEST_NAME).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return read_manifest(target)
         _replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -219,6 +219,44 @@ def _cmd_tune_lambda(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from midasbench.analysis.paper import make_report
+    from midasbench.analysis.report import ReportError
+
+    try:
+        report = make_report(
+            args.experiment,
+            tracking_uri=args.tracking_uri,
+            parent=args.parent,
+            table=args.table,
+            fmt=args.format,
+            out=args.out,
+            figures_dir=args.figures,
+            figures=not args.no_figures,
+            reference=args.reference,
+            allow_mixed=args.allow_mixed,
+        )
+    except (LookupError, ReportError) as exc:  # nothing to report on: bad input, not a failed run
+        print(f"midasbench: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # the table goes to stdout unless --out is given; everything else is a message on stderr
+    if report.out is None:
+        print(report.text, end="")
+    else:
+        print(f"wrote {report.out}", file=sys.stderr)
+    for figure in report.figures:
+        print(f"figure {figure.path}", file=sys.stderr)
+    for skipped in report.skipped_figures:
+        print(f"figure skipped: {skipped}", file=sys.stderr)
+    if report.logged_to:
+        print(f"logged the report and figures on MLflow run {report.logged_to} (report/)", file=sys.stderr)
+    return EXIT_OK
+
+
+REPORT_TABLES = ("main", "ablation", "augment", "lambda", "modality")  # analysis.report.LAYOUTS
+REPORT_FORMATS = ("md", "latex", "csv", "html")  # analysis.render.FORMATS
+
+
 def build_parser() -> argparse.ArgumentParser:
     from midasbench.datasets.splits import SPLIT_PROTOCOLS
 
@@ -297,6 +335,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--tracking-uri", help="MLflow tracking URI (default: the base config's, else ./mlflow.db)"
     )
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser(
+        "report",
+        help="the paper's tables (and figures) from an experiment's MLflow runs",
+        description="Aggregate an experiment's finished runs over seeds (mean ± sample std, ddof=1) into one "
+        "of the paper's tables: main (Table 1), ablation (Table 2), augment (Table 3), lambda (Table 6) or "
+        "modality (zeroed-modality accuracy, Shapley values, misaligned top-2). Best per column bold, second "
+        "underlined; † marks cells with fewer runs than usual. Figures (Fig. 3-6, λ curve) are written "
+        "beside --out or into --figures, and embedded in --format html.",
+    )
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    p.add_argument("--parent", metavar="RUN_ID", help="only this sweep's child runs; log figures on it")
+    p.add_argument("--table", choices=REPORT_TABLES, default="main")
+    p.add_argument("--format", choices=REPORT_FORMATS, help="default: from --out's suffix, else md")
+    p.add_argument("--out", metavar="PATH", help="write the report here (default: stdout)")
+    p.add_argument("--figures", metavar="DIR", help="write the figures here (default: beside --out)")
+    p.add_argument("--no-figures", action="store_true", help="make no figures")
+    p.add_argument(
+        "--reference",
+        metavar="METHOD",
+        help="mark cells that differ from this row (Welch's t-test, p < 0.05)",
+    )
+    p.add_argument(
+        "--allow-mixed",
+        action="store_true",
+        help="aggregate cells whose runs differ in split protocol, fidelity or method params",
+    )
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("list", help="list registered methods, datasets, encoders, fusions or presets")
     p.add_argument("what", choices=["methods", "datasets", "encoders", "fusions", "presets"])

@@ -44,6 +44,7 @@ SWEEP_TAG = "midasbench.sweep"
 TRIAL_TAG = IDENTITY_TAG
 STATE_FILE = "sweep_state.json"
 CHAOS_FILE = "chaos.json"
+EARLY_STOP_TAG = "midasbench.early_stopped"
 
 
 class _Spec(BaseModel):
@@ -272,18 +273,31 @@ def chaos_callback(checkpoint_dir: str, key: str) -> Any:
     return callback
 
 
+def _train_reporting(cfg: RunConfig, key: str, report: Any) -> None:
+    """Train one trial, reporting each epoch's metrics to Ray. The last epoch is reported only after the
+    test evaluation and MLflow logging are done: a scheduler may stop a trial at any report, and stopping
+    at the final one would otherwise cut off the run's test metrics."""
+    from .trainer import train
+
+    last = cfg.train.epochs - 1
+    final: dict[str, Any] = {}
+
+    def per_epoch(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        if epoch < last:
+            report({"epoch": epoch, **_numeric(metrics)})
+        else:
+            final.update({"epoch": epoch, **_numeric(metrics)})
+
+    result = train(cfg, callbacks=[per_epoch, chaos_callback(cfg.train.checkpoint_dir, key)])
+    report({**(final or {"epoch": last}), **{f"test/{k}": v for k, v in _numeric(result.test).items()}})
+
+
 def _train_in_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop (every rank): the unchanged trainer under torch.distributed."""
     import ray.train
 
-    from .trainer import train
-
-    def report(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        ray.train.report({"epoch": epoch, **_numeric(metrics)})  # every rank must report
-
     cfg = _with_node_tag(loop_config)
-    key = cfg.tracking.tags[TRIAL_TAG]
-    train(cfg, callbacks=[report, chaos_callback(cfg.train.checkpoint_dir, key)])
+    _train_reporting(cfg, cfg.tracking.tags[TRIAL_TAG], ray.train.report)  # every rank must report
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
@@ -293,13 +307,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     payload = tune_config["trial"]
     resources = Resources.model_validate(payload["resources"])
     if resources.workers == 1:
-        from .trainer import train
-
-        def report(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-            tune.report({"epoch": epoch, **_numeric(metrics)})
-
-        cfg = _with_node_tag(payload["config"])
-        train(cfg, callbacks=[report, chaos_callback(cfg.train.checkpoint_dir, payload["key"])])
+        _train_reporting(_with_node_tag(payload["config"]), payload["key"], tune.report)
         return
 
     import ray.train
@@ -395,12 +403,26 @@ class SweepOutcome(BaseModel):
 
 
 def _finished_trials(client: Any, experiment_id: str, parent: str) -> dict[str, str]:
-    runs = client.search_runs(
-        [experiment_id],
-        f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'FINISHED'",
-        max_results=50000,
-    )
-    return {r.data.tags.get(TRIAL_TAG, ""): r.info.run_id for r in runs}
+    """Trials that need no more work: FINISHED, or stopped early by the scheduler."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
+    return {
+        r.data.tags.get(TRIAL_TAG, ""): r.info.run_id
+        for r in runs
+        if r.info.status == "FINISHED" or r.data.tags.get(EARLY_STOP_TAG) == "true"
+    }
+
+
+def _close_early_stopped(
+    client: Any, experiment_id: str, parent: str, ended_without_error: list[str]
+) -> None:
+    """Trials the scheduler stopped end without a Tune error but with an unfinished run (stopped
+    mid-training): close those runs as KILLED and tag them, so reports can tell them apart and
+    ``--resume`` does not restart them."""
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=50000)
+    for run in runs:
+        if run.info.status != "FINISHED" and run.data.tags.get(TRIAL_TAG) in ended_without_error:
+            client.set_tag(run.info.run_id, EARLY_STOP_TAG, "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def run_sweep(
@@ -455,6 +477,14 @@ def run_sweep(
         )
     failed: list[str] = []
     if pending:
+        from .trainer import dataset_path
+
+        built: set[str] = set()
+        for trial in pending:  # build each dataset once, here, before any trial reads it
+            data_key = json.dumps(trial.config["data"], sort_keys=True)
+            if data_key not in built:
+                dataset_path(RunConfig.model_validate(trial.config))
+                built.add(data_key)
         init_ray(address)
         max_concurrent = check_fits(spec, ray.cluster_resources())
         payloads = [_trial_payload(plan, t, root, uri, experiment, parent) for t in pending]
@@ -489,9 +519,12 @@ def run_sweep(
             ),
         )
         grid = tuner.fit()
+        stopped = []
         for result in grid:
-            if result.error is not None:
-                failed.append(str(result.config["trial"]["key"]))
+            key = str(result.config["trial"]["key"])
+            (failed if result.error is not None else stopped).append(key)
+        if spec.scheduler.name == "asha":
+            _close_early_stopped(client, experiment_id, parent, stopped)
     done = _finished_trials(client, experiment_id, parent)
     failed = sorted(
         set(failed) | {t.key for t in plan.trials if t.key not in done and spec.scheduler.name == "fifo"}

@@ -190,3 +190,20 @@ def test_gather_batch_returns_typed_tensors(tmp_path):
     assert batch.inputs["tokens"].dtype.is_floating_point is False
     np.testing.assert_array_equal(batch.inputs["image"].numpy(), splits["train"].modalities["image"][[1, 3]])
     assert batch.labels.tolist() == splits["train"].labels[[1, 3]].tolist()
+
+
+def test_a_concurrent_identical_build_keeps_the_dataset_that_finished_first(tmp_path):
+    first, _ = write(tmp_path)
+    other = make_split(20, seed=4)
+    kept = write_dataset(
+        tmp_path / "toy",
+        name="toy",
+        version="1",
+        classes=["a", "b", "c"],
+        splits={"train": other, "val": make_split(6, 100, 1), "test": make_split(9, 200, 2)},
+        split_protocol="official",
+        split_seed=None,
+        replace_existing=False,
+    )
+    assert kept.content_sha256 == first.content_sha256
+    assert [p.name for p in tmp_path.iterdir()] == ["toy"]

@@ -281,3 +281,27 @@ def test_resources_that_cannot_fit_are_refused():
     # multi-worker trials are capped so that drivers never wait on workers that cannot start
     assert check_fits(SweepSpec(name="x", resources={"workers": 2}), {"CPU": 5, "trial_slot": 5}) == 2
     assert check_fits(SweepSpec(name="x", resources={"gpus_per_trial": 0.25}), {"CPU": 2, "GPU": 1}) is None
+
+
+@pytest.mark.ray
+def test_asha_stops_weak_trials_and_closes_their_runs(
+    ray_session, tmp_path, data_root, tiny_options, mlflow_uri
+):
+    path = write_sweep(
+        tmp_path / "asha.yaml",
+        name="asha",
+        base="synthetic",
+        overrides=[*tiny_overrides(data_root, tiny_options), "train.epochs=6"],
+        grid={"optimizer.lr": [0.3, 0.1, 0.01, 1.0e-5]},
+        scheduler={"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        storage=str(tmp_path / "store"),
+    )
+    outcome = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, echo=False)
+    runs = children(mlflow_uri, "asha", outcome.parent_run_id)
+    assert len(runs) == 4 and outcome.failed == []
+    assert all(r.info.status in {"FINISHED", "KILLED"} for r in runs)  # nothing left RUNNING
+    stopped = [r for r in runs if r.info.status == "KILLED"]
+    assert all(r.data.tags.get("midasbench.early_stopped") == "true" for r in stopped)
+    assert any(r.info.status == "FINISHED" for r in runs)
+    again = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, resume=True, echo=False)
+    assert again.ran == 0  # early-stopped trials count as done
