@@ -116,11 +116,19 @@ class SweepSpec(_Spec):
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=2, ge=0, description="retries of a failed trial, from its checkpoint")
     scheduler: Scheduler = Field(default_factory=Scheduler)
-    storage: str | None = Field(default=None, description="shared folder (or s3://...) for checkpoints")
+    storage: str | None = Field(
+        default=None,
+        description="folder for checkpoints and Tune state; on a cluster, mounted at one path on every node",
+    )
     experiment: str | None = Field(default=None, description="MLflow experiment; default: the sweep name")
 
     @model_validator(mode="after")
     def _axes(self) -> SweepSpec:
+        if self.storage and "://" in self.storage:
+            raise ValueError(
+                f"storage {self.storage!r}: give a filesystem path (NFS/EFS mounted at the same place on "
+                "every node); trials write their checkpoints with plain file operations, not to object stores"
+            )
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid axis {key!r} is empty")
@@ -342,9 +350,18 @@ def _trial_resources(resources: Resources) -> dict[str, float]:
     return {"trial_slot": 1}  # the Train driver: no CPU, so it never starves its own workers
 
 
-def check_fits(spec: SweepSpec, cluster: dict[str, float]) -> int | None:
+def check_fits(spec: SweepSpec, cluster: dict[str, float], strict: bool = True) -> int | None:
     """Refuse a sweep whose single trial cannot fit the cluster, and cap concurrency so that multi-worker
-    trials never hold drivers without workers; returns the max_concurrent_trials to use."""
+    trials never hold drivers without workers; returns the max_concurrent_trials to use.
+
+    ``strict=False`` (an existing, possibly autoscaling cluster, whose GPU nodes may not be up yet) only
+    warns and leaves concurrency to the sweep file: resources that are missing now may be added."""
+    if not strict:
+        try:
+            return check_fits(spec, cluster, strict=True)
+        except ConfigError as exc:
+            print(f"warning: {exc}; waiting for the autoscaler to add nodes")
+            return spec.max_concurrent_trials
     r = spec.resources
     if r.workers == 1:
         need = {"CPU": r.cpus_per_trial, "GPU": r.gpus_per_trial}
@@ -486,7 +503,7 @@ def run_sweep(
                 dataset_path(RunConfig.model_validate(trial.config))
                 built.add(data_key)
         init_ray(address)
-        max_concurrent = check_fits(spec, ray.cluster_resources())
+        max_concurrent = check_fits(spec, ray.cluster_resources(), strict=address is None)
         payloads = [_trial_payload(plan, t, root, uri, experiment, parent) for t in pending]
         scheduler = None
         if spec.scheduler.name == "asha":

@@ -305,3 +305,17 @@ def test_asha_stops_weak_trials_and_closes_their_runs(
     assert any(r.info.status == "FINISHED" for r in runs)
     again = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, resume=True, echo=False)
     assert again.ran == 0  # early-stopped trials count as done
+
+
+def test_object_store_storage_is_refused_with_a_clear_message(tmp_path):
+    path = write_sweep(tmp_path / "s3.yaml", name="s3", base="synthetic", storage="s3://bucket/prefix")
+    with pytest.raises(ConfigError, match="give a filesystem path"):
+        load_sweep(path)
+
+
+def test_an_autoscaling_cluster_only_warns_about_missing_resources(capsys):
+    from midasbench.harness.sweep import SweepSpec, check_fits
+
+    spec = SweepSpec(name="x", resources={"gpus_per_trial": 1}, max_concurrent_trials=3)
+    assert check_fits(spec, {"CPU": 8, "trial_slot": 8}, strict=False) == 3
+    assert "needs 1 GPU" in capsys.readouterr().out
