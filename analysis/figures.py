@@ -121,7 +121,7 @@ def fig3_train_confidence(runs: pd.DataFrame, history: _History):
         _epochs(ax)
         ax.set_ylabel("normalised confidence")
         ax.legend(fontsize="small")
-    figure.suptitle("Training confidences on misaligned samples (Fig. 3)")
+    figure.suptitle("Training confidences on\nmisaligned samples (Fig. 3)")
     return (
         figure,
         "Fig. 3 — MIDAS training confidences on misaligned samples: unimodal (Uni) vs fused (Multi)",
@@ -145,7 +145,7 @@ def fig4_alpha(runs: pd.DataFrame, history: _History):
         _epochs(ax)
         ax.set_ylabel("weak-modality weight α")
         ax.legend(fontsize="small")
-    figure.suptitle("Weak-modality weight α during training (Fig. 4)")
+    figure.suptitle("Weak-modality weight α\nduring training (Fig. 4)")
     return figure, "Fig. 4 — weak-modality weight α over training, mean ± std over seeds"
 
 
@@ -174,7 +174,7 @@ def fig5_misaligned_confidence(runs: pd.DataFrame, history: _History):
         _epochs(ax)
         ax.set_ylabel("confidence on misaligned val pairs")
         ax.legend(fontsize="small")
-    figure.suptitle("Fused-model confidence per modality on misaligned validation pairs (Fig. 5/7)")
+    figure.suptitle("Fused-model confidence per modality\non misaligned validation pairs (Fig. 5/7)")
     return (
         figure,
         "Fig. 5/7 — fused model's confidence in each modality's class on misaligned validation pairs",

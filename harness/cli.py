@@ -158,6 +158,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     if result.ddp_check:
         print(result.ddp_check)
+    if result.report:
+        print(f"HTML report with {result.figures} figures: {result.report}")
     print(
         f"{result.runs} runs in {result.seconds:.0f} s (parent run {result.parent_run_id}); "
         f"see them with: mlflow ui --backend-store-uri {result.tracking_uri}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .config import load_config
@@ -20,7 +21,6 @@ from .tracking import resolve_tracking_uri
 from .trainer import dataset_path
 
 DEMO_METHODS = ("joint", "midas")
-DEMO_METRICS = ("test/acc", "test/macro_f1")
 
 
 @dataclass
@@ -32,6 +32,8 @@ class DemoResult:
     runs: int
     seconds: float
     ddp_check: str | None = None
+    report: Path | None = None
+    figures: int = 0
 
 
 def demo_spec(
@@ -84,9 +86,10 @@ def run_demo(
     overrides: list[str] | None = None,
     address: str | None = None,
     ddp_check: bool = True,
+    report_path: str | Path = "midasbench-report.html",
     echo: bool = True,
 ) -> DemoResult:
-    from midasbench.analysis import load_runs, markdown_table, summarize
+    from midasbench.analysis import load_runs, make_report, markdown_table, summarize
     from midasbench.datasets import ArrowDataset
 
     from .sweep import init_ray
@@ -109,7 +112,10 @@ def run_demo(
     if outcome.failed:
         raise RuntimeError(f"demo trials failed: {', '.join(outcome.failed)}")
     runs = load_runs(experiment, uri, f"tags.mlflow.parentRunId = '{outcome.parent_run_id}'")
-    table = markdown_table(summarize(runs, DEMO_METRICS), DEMO_METRICS)
+    parent = outcome.parent_run_id
+    table = make_report(
+        experiment, tracking_uri=uri, parent=parent, table="main", fmt="md", figures=False
+    ).text
     evidence = [f"test/{k}" for k in ("mis_top2", *(f"zeroed_acc_{m}" for m in modalities))]
     evidence += [f"test/acc_only_{m}" for m in modalities if f"metrics.test/acc_only_{m}" in runs.columns]
     fused = runs[runs["method"].isin(DEMO_METHODS)]
@@ -117,6 +123,7 @@ def run_demo(
         "\n\nModality use (fused-head methods; 'only m kept': the other modalities' features zeroed):\n\n"
     )
     table += markdown_table(summarize(fused, evidence), evidence)
+    html = make_report(experiment, tracking_uri=uri, parent=parent, table="main", out=report_path)
     check = _ddp_check(preset, experiment, common, f"demo-ddp-{stamp}", uri) if ddp_check else None
     return DemoResult(
         experiment=experiment,
@@ -126,4 +133,6 @@ def run_demo(
         runs=len(runs),
         seconds=time.time() - start,
         ddp_check=check,
+        report=html.out,
+        figures=len(html.figures),
     )

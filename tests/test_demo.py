@@ -34,11 +34,14 @@ def test_demo_runs_on_ray_and_prints_the_mean_std_table(
     )
     assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
     assert result.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lines = result.table.splitlines()
-    assert lines[0].startswith("| Method | synthetic Acc | synthetic F1")
-    rows = {line.split("|")[1].strip(): line for line in lines[2:6]}
-    assert set(rows) == {"joint", "midas", "unimodal[strong]", "unimodal[weak]"}
-    assert all(" ± " in row and row.rstrip(" |").endswith("2") for row in rows.values())
+    main_table = result.table.split("Modality use")[0]
+    assert "Comparison with baselines (Table 1)" in main_table
+    rows = {line.split("|")[1].strip(): line for line in main_table.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"Method", "joint", "midas", "unimodal[strong]", "unimodal[weak]"}
+    assert all(" ± " in row for name, row in rows.items() if name != "Method")
+    assert "**" in main_table  # the best value per column in bold
+    assert result.report is not None and result.report.is_file() and result.figures >= 3
+    assert "data:image/png;base64," in result.report.read_text()
     evidence = result.table.split("Modality use")[1]
     assert "misaligned top-2" in evidence and "acc, only weak kept" in evidence
     assert (
