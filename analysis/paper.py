@@ -41,6 +41,7 @@ def make_report(
     figures: bool = True,
     reference: str | None = None,
     allow_mixed: bool = False,
+    datasets: list[str] | None = None,
 ) -> Report:
     """Load the finished runs of ``experiment`` (only ``parent``'s children if given), build ``table`` and
     render it as ``fmt`` (default: from ``out``'s suffix, else md); write it to ``out`` when given. Figures
@@ -57,6 +58,13 @@ def make_report(
     if runs.empty or "dataset" not in runs:
         scope = f" under parent run {parent}" if parent else ""
         raise ReportError(f"no finished runs with a dataset in experiment {experiment!r}{scope} ({uri})")
+    if datasets:  # e.g. the paper's Table 7: the main layout on the extra datasets only
+        unknown = sorted(set(datasets) - set(runs["dataset"]))
+        if unknown:
+            raise ReportError(
+                f"--datasets: no runs on {unknown}; runs exist on {sorted(set(runs['dataset']))}"
+            )
+        runs = runs[runs["dataset"].isin(datasets)]
     tables = build_tables(runs, table, reference=reference, allow_mixed=allow_mixed)
     client = mlflow.MlflowClient(tracking_uri=uri)
     out = Path(out) if out else None

@@ -237,6 +237,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             figures=not args.no_figures,
             reference=args.reference,
             allow_mixed=args.allow_mixed,
+            datasets=args.datasets.split(",") if args.datasets else None,
         )
     except (LookupError, ReportError) as exc:  # nothing to report on: bad input, not a failed run
         print(f"midasbench: error: {exc}", file=sys.stderr)
@@ -366,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-mixed",
         action="store_true",
         help="aggregate cells whose runs differ in split protocol, fidelity or method params",
+    )
+    p.add_argument(
+        "--datasets",
+        help="only these datasets, comma-separated (Table 7: --table main --datasets sarcasm,twitter2015)",
     )
     p.set_defaults(func=_cmd_report)
 

@@ -447,3 +447,13 @@ def test_cli_choices_match_the_library():
     from midasbench.analysis.render import FORMATS
 
     assert REPORT_TABLES == LAYOUTS and REPORT_FORMATS == FORMATS
+
+
+def test_cli_dataset_filter_gives_a_table_of_some_datasets_only(store, capsys):
+    uri = store["uri"]
+    args = ["report", "--experiment", "paper", "--tracking-uri", uri, "--no-figures", "--format", "csv"]
+    assert main([*args, "--datasets", "cremad"]) == EXIT_OK
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "CREMA-D Acc_mean" in header and header.count("Acc_mean") == 1
+    assert main([*args, "--datasets", "ucf101"]) == EXIT_USAGE
+    assert "--datasets: no runs on ['ucf101']" in capsys.readouterr().err
