@@ -59,11 +59,10 @@ def make_report(
         scope = f" under parent run {parent}" if parent else ""
         raise ReportError(f"no finished runs with a dataset in experiment {experiment!r}{scope} ({uri})")
     if datasets:  # e.g. the paper's Table 7: the main layout on the extra datasets only
-        unknown = sorted(set(datasets) - set(runs["dataset"]))
+        present = sorted(str(d) for d in runs["dataset"].dropna().unique())
+        unknown = sorted(set(datasets) - set(present))
         if unknown:
-            raise ReportError(
-                f"--datasets: no runs on {unknown}; runs exist on {sorted(set(runs['dataset']))}"
-            )
+            raise ReportError(f"--datasets: no runs on {unknown}; runs exist on {present}")
         runs = runs[runs["dataset"].isin(datasets)]
     tables = build_tables(runs, table, reference=reference, allow_mixed=allow_mixed)
     client = mlflow.MlflowClient(tracking_uri=uri)
