@@ -206,7 +206,7 @@ def expand(spec: SweepSpec, source: str = "sweep") -> SweepPlan:
                 cfg = load_config(spec.base, overrides)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: trial {index} ({_short(assignment)}): {exc}") from None
-            key = f"t{index:04d}-{cfg.fingerprint()[:8]}"
+            key = f"t-{cfg.fingerprint()}"  # from the config alone: stable when the sweep file grows
             trials.append(Trial(index=index, key=key, assignment=assignment, config=cfg.to_dict()))
     keys = [t.key for t in trials]
     if len(set(keys)) != len(keys):

@@ -61,7 +61,7 @@ def test_expansion_grid_random_and_dry_run(tmp_path, capsys):
     assert plan.trials[6].config["method"]["params"]["lam"] == 2.0  # method is the outer grid axis
     assert main(["sweep", str(path), "--dry-run"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert out.strip().endswith("12 trials") and "t0011-" in out
+    assert out.strip().endswith("12 trials") and out.count("\nt-") == 12
 
 
 @pytest.mark.parametrize(
@@ -127,6 +127,13 @@ def test_two_methods_two_seeds_give_four_child_runs_under_one_parent(
         run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, echo=False)
     again = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, resume=True, echo=False)
     assert (again.ran, again.skipped) == (0, 4)
+    # a sweep file that grows (one more seed) resumes into the same parent and runs only the new trials
+    grown = yaml.safe_load(path.read_text())
+    grown["grid"]["train.seed"] = [0, 1, 2]
+    path.write_text(yaml.safe_dump(grown))
+    more = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, resume=True, echo=False)
+    assert (more.ran, more.skipped, more.parent_run_id) == (2, 4, outcome.parent_run_id)
+    assert len(children(mlflow_uri, "grid4", outcome.parent_run_id)) == 6
 
 
 @pytest.mark.ray
