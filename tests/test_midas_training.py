@@ -138,3 +138,23 @@ def test_midas_uses_the_weak_modality_far_better_than_joint_training(tiny_config
     assert mean("midas", "acc") >= mean("joint", "acc") - 0.02
     assert mean("midas", "mis_top2") > mean("joint", "mis_top2") + 0.05
     assert mean("midas", "zeroed_acc_weak") > mean("joint", "zeroed_acc_weak") + 0.05
+
+
+@pytest.mark.parametrize("method", ["midas", "midas-code"])
+def test_midas_trains_on_avdigits_from_the_cli(method, tmp_path, data_root, monkeypatch, capsys):
+    pytest.importorskip("espeakng_loader")
+    monkeypatch.chdir(tmp_path)
+    code = main(
+        [
+            "train",
+            "avdigits",
+            f"method.name={method}",
+            "method.params.warmup_epochs=1",
+            f"data.root={data_root}",
+            "data.options={max_images: 300}",
+            "train.epochs=3",
+            "tracking.enabled=false",
+        ]
+    )
+    assert code == EXIT_OK, capsys.readouterr().err
+    assert f"{method}: best epoch" in capsys.readouterr().out
