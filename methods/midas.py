@@ -427,21 +427,36 @@ class Midas(Method):
     def after_optimizer_step(self, model: MultimodalModel, epoch: int) -> None:
         """Algorithm 1, lines 24-27: α moves after the step, from statistics of the step's forward pass."""
         pending, self._pending = self._pending, None
-        if epoch < self.warmup_epochs:
+        if epoch < self.warmup_epochs or not self.params.use_weak_modality_weight:
             return
-        if pending is None or not self.params.use_weak_modality_weight:
+        if pending is not None:
+            p = self.params
+            if p.alpha_mode == "paper":
+                self.alpha, weak, _ = alpha_update_paper(
+                    self.alpha, pending["uni"], pending["multi"], p.eta, p.alpha_max
+                )
+            else:
+                self.alpha_code, weak = alpha_update_code(
+                    self.alpha_code, pending["aligned"], pending["class_probs"], p.eta, p.alpha_max
+                )
+            self._stats["steps"] += 1
+            self._stats["weak"][weak] += 1
+        self._share_alpha_across_ranks(model)
+
+    def _share_alpha_across_ranks(self, model: MultimodalModel) -> None:
+        """Under data parallelism every rank updates α from its own batch; rank 0's α is then given to
+        all ranks so the loss weights stay identical everywhere (and match the checkpointed α). Every rank
+        calls this at every post-warm-up step, whatever its batch held, so the collectives line up."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        p = self.params
-        if p.alpha_mode == "paper":
-            self.alpha, weak, _ = alpha_update_paper(
-                self.alpha, pending["uni"], pending["multi"], p.eta, p.alpha_max
-            )
-        else:
-            self.alpha_code, weak = alpha_update_code(
-                self.alpha_code, pending["aligned"], pending["class_probs"], p.eta, p.alpha_max
-            )
-        self._stats["steps"] += 1
-        self._stats["weak"][weak] += 1
+        device = next(model.parameters()).device  # NCCL reduces GPU tensors only
+        state = torch.cat([self.alpha, torch.tensor([self.alpha_code, float(self.weak_code)])]).to(device)
+        dist.broadcast(state, src=0)
+        state = state.cpu()
+        self.alpha = state[: self.num_modalities].clone()
+        self.alpha_code, self.weak_code = float(state[-2]), int(state[-1])
 
     def current_alpha(self) -> torch.Tensor:
         """α per modality as applied to the next step's loss."""
