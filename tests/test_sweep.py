@@ -184,7 +184,7 @@ def test_a_killed_driver_resumes_with_no_duplicate_or_missing_runs(tmp_path, dat
         tmp_path / "s.yaml",
         name="resumable",
         base="synthetic",
-        overrides=[*tiny_overrides(data_root, tiny_options), "train.epochs=6"],
+        overrides=[*tiny_overrides(data_root, tiny_options), "train.epochs=25"],
         grid={"train.seed": [0, 1, 2, 3]},
         storage=str(tmp_path / "store"),
         resources={"cpus_per_trial": 2},  # one trial at a time: the kill lands between trials
@@ -202,7 +202,7 @@ def test_a_killed_driver_resumes_with_no_duplicate_or_missing_runs(tmp_path, dat
     deadline = time.time() + 240
     parent = None
     while time.time() < deadline:
-        time.sleep(1)
+        time.sleep(0.25)  # trials take seconds: kill soon after the first finishes
         state = tmp_path / "store" / "resumable" / "sweep_state.json"
         if parent is None and state.is_file():
             parent = json.loads(state.read_text())["parent_run_id"]
