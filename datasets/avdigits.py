@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from .audio import add_white_noise, log_mel_spectrogram, resample
-from .builders import DATASETS, BuilderOptions, DatasetBuilder, Pool
+from .builders import BuilderOptions, DatasetBuilder, Pool, register_dataset
 from .format import DatasetFormatError, SplitArrays
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -79,9 +79,8 @@ class AVDigitsOptions(BuilderOptions):
         return voices
 
 
-@DATASETS.register("avdigits")
+@register_dataset("avdigits")
 class AVDigitsBuilder(DatasetBuilder):
-    name = "avdigits"
     version = "1"
     description = (
         "scikit-learn handwritten digits (8x8) paired with the digit word spoken by espeak-ng "

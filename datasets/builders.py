@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from midasbench.harness.params import describe_validation_error
 from midasbench.harness.registry import Registry
 
 from .format import MANIFEST_NAME, DatasetFormatError, SplitArrays, read_manifest, write_dataset
@@ -66,18 +67,21 @@ class DatasetBuilder(ABC):
         try:
             return cls.Options.model_validate(options or {})
         except ValidationError as exc:
-            raise DatasetFormatError(f"dataset {cls.name!r}: invalid data.options: {_describe(exc)}") from exc
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+            detail = describe_validation_error(exc, "data.options")
+            raise DatasetFormatError(f"dataset {cls.name!r}: invalid {detail}") from exc
 
 
 DATASETS: Registry[type[DatasetBuilder]] = Registry("dataset")
+
+
+def register_dataset(name: str) -> Any:
+    """``@register_dataset("synthetic")``; also sets the builder's ``name`` (one place for it)."""
+
+    def decorator(cls: type[DatasetBuilder]) -> type[DatasetBuilder]:
+        cls.name = name
+        return DATASETS.register(name)(cls)
+
+    return decorator
 
 
 def options_hash(options: BaseModel) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .builders import DATASETS, BuilderOptions, DatasetBuilder, Pool
+from .builders import BuilderOptions, DatasetBuilder, Pool, register_dataset
 from .format import SplitArrays
 
 
@@ -60,9 +60,8 @@ class SyntheticOptions(BuilderOptions):
         return self
 
 
-@DATASETS.register("synthetic")
+@register_dataset("synthetic")
 class SyntheticBuilder(DatasetBuilder):
-    name = "synthetic"
     version = "1"
     description = "Controllable synthetic multimodal classification with ground-truth informativeness masks."
     Options = SyntheticOptions
