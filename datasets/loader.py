@@ -3,8 +3,10 @@
 A ``BatchLoader`` gathers whole batches with one fancy-index per column instead of collating samples one
 by one (a ``torch.utils.data.DataLoader`` over single rows is far slower for in-memory features). Batch
 order is a pure function of ``(seed, epoch)``, so a resumed run sees exactly the batches an uninterrupted
-run would. Under data-parallel training each rank takes a strided, equal-length share of the permutation
-(as ``DistributedSampler`` does), padding by wrapping around.
+run would. An epoch is an ``EpochPlan``: the global row order (and optional per-row tags, e.g. SMV's
+"keep modality m") decided once, identically on every rank, *before* sharding; under data-parallel
+training each rank then takes a strided, equal-length share (as ``DistributedSampler`` does, padding by
+wrapping around), so every rank runs the same number of steps.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from .format import SplitData, as_torch
 
 @dataclass
 class Batch:
-    """Inputs per modality, labels, and each row's index in its split (for diagnostics and samplers)."""
+    """Inputs per modality, labels, each row's index in its split, and the rows' epoch-plan tags."""
 
     inputs: dict[str, torch.Tensor]
     labels: torch.Tensor
     index: torch.Tensor
+    tags: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -34,7 +37,45 @@ class Batch:
             inputs={k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()},
             labels=self.labels.to(device, non_blocking=non_blocking),
             index=self.index.to(device, non_blocking=non_blocking),
+            tags=None if self.tags is None else self.tags.to(device, non_blocking=non_blocking),
         )
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The rows of one epoch in order (repeats allowed) and an optional int64 tag per row.
+
+    A method that re-samples returns its own plan from ``Method.epoch_plan``; the same plan must come
+    out on every rank (derive it from seeds and rank-identical state only)."""
+
+    rows: np.ndarray
+    tags: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.rows, dtype=np.int64)
+        object.__setattr__(self, "rows", rows)
+        if rows.ndim != 1:
+            raise ValueError(f"EpochPlan.rows must be one-dimensional, got shape {rows.shape}")
+        if self.tags is not None:
+            tags = np.asarray(self.tags, dtype=np.int64)
+            if tags.shape != rows.shape:
+                raise ValueError(f"EpochPlan.tags has shape {tags.shape}, rows {rows.shape}: one tag a row")
+            object.__setattr__(self, "tags", tags)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def shard(self, rank: int, world_size: int) -> EpochPlan:
+        """This rank's strided share, padded by wrapping so that every rank gets ceil(n / W) rows."""
+        if world_size == 1:
+            return self
+        per_rank = -(-len(self.rows) // world_size)
+        positions = np.resize(np.arange(len(self.rows)), per_rank * world_size)[rank::world_size]
+        return EpochPlan(self.rows[positions], None if self.tags is None else self.tags[positions])
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self.rows)
+        return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -42,16 +83,23 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_rows)
 
 
-def gather_batch(split: SplitData, rows: np.ndarray) -> Batch:
-    """Copy ``rows`` of every column into a batch (rows are read in sorted order for locality)."""
-    rows = np.sort(np.asarray(rows, dtype=np.int64))
+def gather_batch(split: SplitData, rows: np.ndarray, tags: np.ndarray | None = None) -> Batch:
+    """Copy ``rows`` of every column into a batch. Rows are read in sorted order for locality; the tags
+    (and repeated rows) follow their rows, so the batch holds exactly the plan's (row, tag) pairs."""
+    order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
+    rows = np.asarray(rows, dtype=np.int64)[order]
     inputs = {}
     for name, column in split.columns.items():
         values = column.gather(rows)
         if values.dtype == np.float16 or values.dtype == np.float64:
             values = values.astype(np.float32)
         inputs[name] = as_torch(values)
-    return Batch(inputs=inputs, labels=torch.from_numpy(split.labels[rows]), index=torch.from_numpy(rows))
+    return Batch(
+        inputs=inputs,
+        labels=torch.from_numpy(split.labels[rows]),
+        index=torch.from_numpy(rows),
+        tags=None if tags is None else torch.from_numpy(np.asarray(tags, dtype=np.int64)[order]),
+    )
 
 
 class BatchLoader:
@@ -82,27 +130,33 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def order(self) -> np.ndarray:
-        """This rank's row order for the current epoch."""
+    def default_plan(self) -> EpochPlan:
+        """The global (unsharded) plan of the current epoch: the seeded permutation, or split order."""
         n = len(self.split)
-        rows = epoch_permutation(n, self.seed, self.epoch) if self.shuffle else np.arange(n)
-        if self.world_size > 1:
-            per_rank = -(-n // self.world_size)
-            padded = np.resize(rows, per_rank * self.world_size)
-            rows = padded[self.rank :: self.world_size]
-        return rows
+        return EpochPlan(epoch_permutation(n, self.seed, self.epoch) if self.shuffle else np.arange(n))
+
+    def order(self) -> np.ndarray:
+        """This rank's row order for the current epoch under the default plan."""
+        return self.default_plan().shard(self.rank, self.world_size).rows
 
     def __len__(self) -> int:
-        n = len(self.order())
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return (
+            self.default_plan().shard(self.rank, self.world_size).num_batches(self.batch_size, self.drop_last)
+        )
 
     def __iter__(self) -> Iterator[Batch]:
-        return self.batches(self.order())
+        return self.batches(self.default_plan().shard(self.rank, self.world_size))
 
-    def batches(self, rows: np.ndarray) -> Iterator[Batch]:
-        """Batches over an explicit row order (e.g. one a re-sampling method chose)."""
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
+    def plan_batches(self, plan: EpochPlan) -> Iterator[Batch]:
+        """This rank's batches of a global plan (sharded here, so every rank runs the same step count)."""
+        return self.batches(plan.shard(self.rank, self.world_size))
+
+    def batches(self, rows: np.ndarray | EpochPlan) -> Iterator[Batch]:
+        """Batches over an explicit, already-sharded row order or plan."""
+        plan = rows if isinstance(rows, EpochPlan) else EpochPlan(rows)
+        for start in range(0, len(plan), self.batch_size):
+            chunk = plan.rows[start : start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 return
-            yield gather_batch(self.split, chunk)
+            tags = None if plan.tags is None else plan.tags[start : start + self.batch_size]
+            yield gather_batch(self.split, chunk, tags)

@@ -17,14 +17,14 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from midasbench.harness.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return EXIT_OK
-    from .tracking import resolve_tracking_uri
-    from .trainer import train
+    from midasbench.harness.tracking import resolve_tracking_uri
+    from midasbench.harness.training.trainer import train
 
     result = train(cfg)
     test = result.test
@@ -41,7 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _parse_options(pairs: Sequence[str]) -> dict:
-    from .config import apply_overrides
+    from midasbench.harness.config import apply_overrides
 
     return apply_overrides({}, list(pairs))
 
@@ -122,17 +122,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         rows = [(n, c.description) for n, c in DATASETS.items()]
     elif what == "encoders":
-        from .encoders import ENCODERS
+        from midasbench.harness.models.encoders import ENCODERS
 
         rows = [(n, e.description) for n, e in ENCODERS.items()]
     elif what == "fusions":
-        from .fusion import FUSIONS
+        from midasbench.harness.models.fusion import FUSIONS
 
         rows = [(n, e.description) for n, e in FUSIONS.items()]
     else:
         from importlib import resources
 
-        from .config import preset_names
+        from midasbench.harness.config import preset_names
 
         folder = resources.files("midasbench.harness") / "presets"
         rows = [(n, _first_line((folder / f"{n}.yaml").read_text()).lstrip("# ")) for n in preset_names()]
@@ -143,7 +143,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from midasbench.harness.demo import run_demo
 
     result = run_demo(
         seeds=args.seeds,
@@ -168,7 +168,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import expand, load_sweep, run_sweep
+    from midasbench.harness.sweeps.sweep import expand, load_sweep, run_sweep
 
     spec = load_sweep(args.sweep_file)
     plan = expand(spec, args.sweep_file)
@@ -204,7 +204,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune_lambda(args: argparse.Namespace) -> int:
-    from .lambda_tuning import lambda_sweep_spec, tune_lambda
+    from midasbench.harness.sweeps.lambda_tuning import lambda_sweep_spec, tune_lambda
 
     lambdas = tuple(float(v) for v in args.lambdas.split(","))
     spec = lambda_sweep_spec(
@@ -398,9 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from midasbench.datasets.format import DatasetFormatError
-
-    from .errors import ConfigError
-    from .registry import UnknownEntryError
+    from midasbench.harness.errors import ConfigError
+    from midasbench.harness.registry import UnknownEntryError
 
     try:
         return int(args.func(args))

@@ -21,8 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ConfigError
-from .params import describe_validation_error
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.params import describe_validation_error
 
 
 class _Section(BaseModel):
@@ -106,8 +106,9 @@ class RunConfig(_Section):
     method: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="joint"))
     method_defaults: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="per-method parameter defaults of a dataset preset (e.g. MIDAS's λ and warm-up), "
-        "applied under method.params when method.name matches",
+        description="per-method parameter defaults for your own dataset, applied under method.params when "
+        "method.name matches (the paper datasets' defaults live with each method: Method.dataset_defaults); "
+        "not part of the fingerprint, whose method.params already hold the values that apply",
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -116,7 +117,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _validate_registry_entries(self) -> RunConfig:
-        from .registries import resolve_component_params
+        from midasbench.harness.registries import resolve_component_params
 
         resolve_component_params(self)
         return self
@@ -129,9 +130,16 @@ class RunConfig(_Section):
 
     def fingerprint(
         self,
-        exclude: tuple[str, ...] = ("tracking", "train.progress", "train.checkpoint_dir", "train.resume"),
+        exclude: tuple[str, ...] = (
+            "tracking",
+            "train.progress",
+            "train.checkpoint_dir",
+            "train.resume",
+            "method_defaults",
+        ),
     ) -> str:
-        """A short hash of everything that determines the run's numbers (not where it logs)."""
+        """A short hash of everything that determines the run's numbers (not where it logs). Defaults meant
+        for other methods do not enter it: the ones that apply are already in ``method.params``."""
         data = self.to_dict()
         for key in exclude:
             node = data

@@ -1,6 +1,6 @@
 """``midasbench demo``: the main job on embedded defaults, small enough for a 2-core laptop.
 
-A real sweep (``harness/sweep.py``) on a local Ray instance: Joint training, MIDAS and one unimodal
+A real sweep (``harness/sweeps/sweep.py``) on a local Ray instance: Joint training, MIDAS and one unimodal
 baseline per modality, over several init seeds, on an offline dataset; one MLflow child run per trial under
 one parent, in the working directory's ``mlflow.db``. Single-worker trials run inside their Ray Tune trial
 processes; a final check trains one trial with two DDP workers through Ray Train, so both execution paths
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
-from .sweep import SweepSpec, expand, run_sweep
-from .tracking import resolve_tracking_uri
-from .trainer import dataset_path
+from midasbench.harness.config import load_config
+from midasbench.harness.sweeps.sweep import SweepSpec, expand, run_sweep
+from midasbench.harness.tracking import resolve_tracking_uri
+from midasbench.harness.training.trainer import dataset_path
 
 DEMO_METHODS = ("joint", "midas")
 
@@ -91,8 +91,7 @@ def run_demo(
 ) -> DemoResult:
     from midasbench.analysis import load_runs, make_report, markdown_table, summarize
     from midasbench.datasets import ArrowDataset
-
-    from .sweep import init_ray
+    from midasbench.harness.sweeps.sweep import init_ray
 
     start = time.time()
     uri = resolve_tracking_uri(None)

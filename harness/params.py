@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
-from .registry import Registry
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.registry import Registry
 
 
 class Params(BaseModel):

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
-from .errors import ConfigError
-from .params import parse_params
-from .registry import UnknownEntryError
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.params import parse_params
+from midasbench.harness.registry import UnknownEntryError
 
 if TYPE_CHECKING:
-    from .config import ComponentConfig, RunConfig
+    from midasbench.harness.config import ComponentConfig, RunConfig
 
 
 def _resolve(component: ComponentConfig, schema: type[BaseModel], key: str) -> None:
@@ -24,18 +24,20 @@ def _resolve(component: ComponentConfig, schema: type[BaseModel], key: str) -> N
 
 def resolve_component_params(cfg: RunConfig) -> None:
     """Check every named entry exists and fill its params with validated values and defaults."""
+    from midasbench.harness.models.encoders import ENCODERS
+    from midasbench.harness.models.fusion import FUSIONS
     from midasbench.methods import METHODS
 
-    from .encoders import ENCODERS
-    from .fusion import FUSIONS
-
-    preset_defaults = cfg.method_defaults.get(cfg.method.name, {})
-    if preset_defaults:  # the dataset preset's values sit under what the user set
-        cfg.method.params = {**preset_defaults, **cfg.method.params}
     try:
-        _resolve(cfg.method, METHODS.get(cfg.method.name).Params, "method")
+        method = METHODS.get(cfg.method.name)
     except UnknownEntryError as exc:
         raise ConfigError(f"method.name: {exc}") from None
+    # the method's own per-dataset defaults, then the config's method_defaults, then what the user set
+    own = method.dataset_defaults.get(cfg.data.name or "", {})
+    configured = cfg.method_defaults.get(cfg.method.name, {})
+    if own or configured:
+        cfg.method.params = {**own, **configured, **cfg.method.params}
+    _resolve(cfg.method, method.Params, "method")
     encoders = dict(cfg.model.encoders)
     if cfg.model.default_encoder is not None:
         encoders["(default_encoder)"] = cfg.model.default_encoder
@@ -46,6 +48,9 @@ def resolve_component_params(cfg: RunConfig) -> None:
         except UnknownEntryError as exc:
             raise ConfigError(f"{key}.name: {exc}") from None
     try:
-        _resolve(cfg.model.fusion, FUSIONS.get(cfg.model.fusion.name).params, "model.fusion")
+        fusion = FUSIONS.get(cfg.model.fusion.name)
     except UnknownEntryError as exc:
         raise ConfigError(f"model.fusion.name: {exc}") from None
+    _resolve(cfg.model.fusion, fusion.params, "model.fusion")
+    # what the method needs of the head is known now; the modality count once the dataset is read
+    method.requires.check(cfg.method.name, cfg.model.fusion.name, fusion.decomposable, None)

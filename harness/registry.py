@@ -8,6 +8,7 @@ that are parametrized over everything registered.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -40,6 +41,15 @@ class Registry(Generic[T]):
             return obj
 
         return decorator
+
+    @contextmanager
+    def temporarily(self, name: str, obj: T) -> Iterator[T]:
+        """Register ``obj`` for the duration of a ``with`` block (plug-ins under test)."""
+        self.register(name)(obj)
+        try:
+            yield obj
+        finally:
+            del self._entries[name]
 
     def get(self, name: str) -> T:
         try:

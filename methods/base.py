@@ -1,10 +1,27 @@
-"""The method interface: a training method owns its loss, its state, and its hooks into the loop.
+"""The method interface: a training method owns its loss, its state, its modules and its hooks into the loop.
 
-Modelled on LibMTL's weighting plug-ins: the trainer knows only this narrow interface, so MIDAS,
-gradient modulation (``after_backward``), re-sampling (``epoch_order``), warm-up coupling of the scheduler
-(``scheduler_should_step``) or a second optimiser (kept in the method's own state) need no special case
-in the trainer. Anything a method keeps across steps goes through ``state_dict`` so that checkpoints
-resume it exactly.
+Modelled on LibMTL's weighting plug-ins: the trainer knows only this narrow interface, so every method is
+one file and no file of the trainer names a method. What a method may declare or override:
+
+* ``requires`` — what it needs of the run (modality count, a decomposable fusion head); a config that
+  breaks it is refused before anything runs.
+* ``build_modules`` — modules it owns (an augmenter, a mask layer); attached to the model under
+  ``model.method_modules`` before the model moves to the device, so they are placed, switched between
+  train and eval, all-reduced, clipped and checkpointed (``last.pt`` and ``best.pt``) with it.
+* ``param_groups`` / ``optimizers`` — named parameter groups (own lr / weight decay), optionally for a
+  second optimiser over its own modules; ``StepOutput.extra_losses`` gives each extra optimiser its loss.
+* ``training_step`` — the loss; ``after_backward`` — gradients are all-reduced, edit them here;
+  ``after_optimizer_step`` — state updates.
+* ``epoch_plan`` — the epoch's rows and per-row tags, global and identical on every rank.
+* ``on_epoch_start`` / ``on_epoch_end`` — e.g. a pass over the training set (``runtime.encode_rows``).
+* ``logits_from_features`` / ``eval_modalities`` — the evaluated prediction (the one evaluation path).
+* ``state_dict`` / ``load_state_dict`` — everything kept across steps, so checkpoints resume it exactly.
+
+Correct under DDP by construction: the trainer all-reduces every gradient before ``after_backward`` and
+synchronises BatchNorm statistics; anything else a method derives from its local batch that changes
+parameters, gradients or state must go through ``self.runtime``'s collectives (sum numerators and
+denominators, or broadcast rank 0's decision). The two-rank test checks replicas stay bitwise equal for
+every registered method.
 """
 
 from __future__ import annotations
@@ -14,35 +31,92 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from midasbench.datasets.loader import Batch
-from midasbench.harness.model import MultimodalModel
+from midasbench.datasets.loader import Batch, EpochPlan
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 from midasbench.harness.registry import Registry
+from midasbench.harness.training.runtime import Runtime
 
 Fidelity = Literal["paper", "official-code", "inferred", "baseline"]
+MAIN_OPTIMIZER = "main"
 
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method may know about the run when it is built."""
+    """What a method may know about the run when it is built, and the runtime it runs in."""
 
     modalities: tuple[str, ...]
     num_classes: int
     epochs: int
     steps_per_epoch: int
     seed: int = 0  # the run's init seed, for a method's own random draws
+    runtime: Runtime = field(default_factory=Runtime)
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a method needs of the run; checked against the config and the dataset before training."""
+
+    min_modalities: int = 1
+    max_modalities: int | None = None
+    decomposable_fusion: bool = False
+
+    def check(self, method: str, fusion: str, fusion_decomposable: bool, num_modalities: int | None) -> None:
+        """Raise a ``ConfigError`` naming the method, the requirement and the config key it breaks."""
+        if self.decomposable_fusion and not fusion_decomposable:
+            from midasbench.harness.models.fusion import FUSIONS, fusion_is_decomposable
+
+            allowed = [n for n in FUSIONS.names() if fusion_is_decomposable(n)]
+            raise ConfigError(
+                f"model.fusion.name: method {method!r} needs a decomposable fusion head (per-modality shares "
+                f"of the fused logits), but {fusion!r} is not; use one of: {', '.join(allowed)}"
+            )
+        if num_modalities is None:
+            return
+        low, high = self.min_modalities, self.max_modalities
+        if num_modalities < low or (high is not None and num_modalities > high):
+            wanted = (
+                f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low}-{high}"
+            )
+            raise ConfigError(
+                f"data.name: method {method!r} needs {wanted} modalities, "
+                f"but the dataset has {num_modalities}"
+            )
+
+
+@dataclass
+class ParamGroup:
+    """Parameters of one optimiser group; ``lr`` / ``weight_decay`` of None take the optimiser's own."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float | None = None
+    weight_decay: float | None = None
+    optimizer: str = MAIN_OPTIMIZER
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A method's extra optimiser (the ``main`` one is ``optimizer:`` of the config)."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
 
 
 @dataclass
 class StepOutput:
-    """The loss to back-propagate and detached scalars to log (averaged over the epoch by the trainer)."""
+    """The loss to back-propagate (main optimiser), one loss per extra optimiser, and detached scalars to
+    log (averaged over the epoch's rows by the trainer)."""
 
     loss: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Method(ABC):
@@ -51,33 +125,51 @@ class Method(ABC):
     name: ClassVar[str]
     fidelity: ClassVar[Fidelity]
     Params: ClassVar[type[Params]] = Params
+    requires: ClassVar[Requirements] = Requirements()
+    # Per-dataset parameter defaults (keyed by ``data.name``), applied under ``method.params`` for this
+    # method's runs alone: they live with the method, so adding them changes no other method's trial keys.
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, params: Params, context: MethodContext) -> None:
         self.params = params
         self.context = context
 
-    # ---- what is trained and how it is evaluated
-    def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        """Parameters handed to the optimiser (and expected to receive gradients)."""
-        return iter(model.parameters())
-
-    def eval_modalities(self, model: MultimodalModel) -> list[str]:
-        """Modalities the evaluated prediction reads (all, unless the method uses fewer)."""
-        return list(model.modalities)
-
-    def logits_from_features(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The evaluated prediction from encoder features: the fusion head by default. The modality
-        diagnostics re-run it on zeroed and misaligned features, so it must depend on features only."""
-        return model.fuse(features)
-
-    def eval_logits(self, model: MultimodalModel, batch: Batch) -> torch.Tensor:
-        """Logits used for validation and test."""
-        return self.logits_from_features(model, model.encode(batch.inputs, self.eval_modalities(model)))
+    @property
+    def runtime(self) -> Runtime:
+        return self.context.runtime
 
     @property
     def label(self) -> str:
         """Name shown in tables; methods with a distinguishing parameter extend it."""
         return self.name
+
+    # ---- what the method owns and what is trained
+    def build_modules(self, model: MultimodalModel) -> dict[str, nn.Module]:
+        """Modules the method owns, by name (reach them as ``model.method_modules[name]``)."""
+        return {}
+
+    def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
+        """Parameters of the main optimiser's single group (all of the model's by default)."""
+        return iter(model.parameters())
+
+    def param_groups(self, model: MultimodalModel) -> list[ParamGroup]:
+        """Named parameter groups; a group whose ``optimizer`` is not ``main`` needs an entry in
+        ``optimizers()``. A parameter may sit in one group only."""
+        return [ParamGroup("model", list(self.trainable_parameters(model)))]
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        """Extra optimisers by name (stepped, checkpointed and clipped by the trainer)."""
+        return {}
+
+    # ---- the evaluated prediction
+    def eval_modalities(self, model: MultimodalModel) -> list[str]:
+        """Modalities the evaluated prediction reads (all, unless the method uses fewer)."""
+        return list(model.modalities)
+
+    def logits_from_features(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The evaluated prediction from encoder features: the fusion head by default. Validation, test
+        and the modality diagnostics (zeroed and misaligned features) all go through it."""
+        return model.fuse(features)
 
     # ---- the step
     @abstractmethod
@@ -85,18 +177,20 @@ class Method(ABC):
         """Forward pass and loss for one mini-batch (everything before ``loss.backward()``)."""
 
     def after_backward(self, model: MultimodalModel, epoch: int) -> None:
-        """Gradients are populated (and all-reduced across ranks); e.g. gradient modulation goes here."""
+        """Gradients are populated and all-reduced across ranks; e.g. gradient modulation goes here
+        (coefficients from the runtime's collectives, so every rank edits alike)."""
 
     def after_optimizer_step(self, model: MultimodalModel, epoch: int) -> None:
-        """After ``optimizer.step()``; e.g. state updates that must use the pre-step loss."""
+        """After the optimisers step; e.g. state updates that must use the pre-step loss."""
 
     # ---- the epoch
-    def epoch_order(self, epoch: int, default_order: np.ndarray) -> np.ndarray:
-        """Row order of the training split for this epoch; re-sampling methods override it."""
-        return default_order
+    def epoch_plan(self, epoch: int, default: EpochPlan) -> EpochPlan:
+        """The epoch's global rows (and tags), before sharding; re-sampling methods return their own.
+        It must be identical on every rank: build it from seeds and rank-identical state only."""
+        return default
 
     def on_epoch_start(self, model: MultimodalModel, epoch: int) -> None:
-        """Called before the first step of every epoch."""
+        """Called before the first step of every epoch (after ``epoch_plan``)."""
 
     def on_epoch_end(self, model: MultimodalModel, epoch: int) -> dict[str, float]:
         """Called after the last step of every epoch; returns extra metrics to log."""

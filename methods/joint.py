@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from midasbench.datasets.loader import Batch
-from midasbench.harness.model import MultimodalModel
+from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
 from .base import Method, StepOutput, register_method

@@ -14,7 +14,7 @@ from torch import nn
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
-from midasbench.harness.model import MultimodalModel
+from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
 from .base import Method, MethodContext, StepOutput, register_method
@@ -53,5 +53,6 @@ class Unimodal(Method):
         return model.unimodal_heads[self.modality](features[self.modality])
 
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
-        loss = F.cross_entropy(self.eval_logits(model, batch), batch.labels)
+        features = model.encode(batch.inputs, [self.modality])
+        loss = F.cross_entropy(self.logits_from_features(model, features), batch.labels)
         return StepOutput(loss=loss, logs={"loss_unimodal": loss.item()})

@@ -74,7 +74,7 @@ def ray_session():
         address="local",
         num_cpus=2,
         num_gpus=0,
-        resources={"trial_slot": 2},  # Ray Train trials' drivers (harness/sweep.py)
+        resources={"trial_slot": 2},  # Ray Train trials' drivers (harness/sweeps/sweep.py)
         include_dashboard=False,
         log_to_driver=False,
         object_store_memory=256 * 2**20,

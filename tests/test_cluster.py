@@ -26,7 +26,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from midasbench.harness.sweep import SWEEP_TAG, TRIAL_TAG
+from midasbench.harness.sweeps.sweep import SWEEP_TAG, TRIAL_TAG
 
 pytestmark = [
     pytest.mark.ray,

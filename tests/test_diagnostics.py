@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from midasbench.harness.diagnostics import (
+from midasbench.harness.training.diagnostics import (
     code_variant_misaligned_top2,
     fixed_misaligned_pairing,
     kept_alone_accuracies,

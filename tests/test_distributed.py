@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from midasbench.harness.config import load_config
-from midasbench.harness.trainer import dataset_path, train
+from midasbench.harness.training.trainer import dataset_path, train
 
 
 def _worker(rank: int, world_size: int, init_file: str, overrides: list[str], out_dir: str) -> None:

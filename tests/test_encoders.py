@@ -18,7 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
-from midasbench.harness.encoders import ENCODERS, build_encoder
+from midasbench.harness.models.encoders import ENCODERS, build_encoder
 from midasbench.harness.errors import ConfigError
 
 # transformers is imported lazily by the hf_text factory, i.e. after this line; never reach the hub.

@@ -8,20 +8,14 @@ import torch.nn.functional as F
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
-from midasbench.harness.fusion import ConcatFusion
-from midasbench.harness.model import MultimodalModel
-from midasbench.methods import METHODS, MethodContext, build_method
+from midasbench.harness.models.fusion import ConcatFusion
+from midasbench.harness.models.model import MultimodalModel
+from midasbench.methods import METHODS, Method, MethodContext, build_method
+from method_cases import METHOD_CASES
 
 MODALITIES = ("a", "b")
 CONTEXT = MethodContext(modalities=MODALITIES, num_classes=3, epochs=4, steps_per_epoch=2)
 
-#: Parameters that make each method exercise its full mechanism; a new method must add an entry.
-METHOD_CASES = {
-    "joint": {"unimodal_weight": 0.5},
-    "midas": {"warmup_epochs": 1},
-    "midas-code": {"warmup_epochs": 1},
-    "unimodal": {"modality": "b"},
-}
 
 
 class Linear(torch.nn.Linear):
@@ -45,22 +39,38 @@ def tiny_batch() -> Batch:
     )
 
 
+def eval_logits(method: Method, model: MultimodalModel, batch: Batch) -> torch.Tensor:
+    """The evaluated prediction, as the evaluation computes it."""
+    return method.logits_from_features(model, model.encode(batch.inputs, method.eval_modalities(model)))
+
+
+def prepared(name: str) -> tuple[Method, MultimodalModel]:
+    """A method and a tiny model with the method's own modules attached (as the trainer does)."""
+    model = tiny_model()
+    method = build_method(name, METHOD_CASES[name], CONTEXT)
+    model.attach_method_modules(method.build_modules(model))
+    return method, model
+
+
 def test_every_method_has_a_case():
     assert set(METHOD_CASES) == set(METHODS.names())
 
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_forward_backward_gives_finite_gradients_to_every_trainable_parameter(name):
-    model, batch = tiny_model(), tiny_batch()
-    method = build_method(name, METHOD_CASES[name], CONTEXT)
+    (method, model), batch = prepared(name), tiny_batch()
     out = method.training_step(model, batch, epoch=CONTEXT.epochs - 1)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    out.loss.backward()
-    trainable = list(method.trainable_parameters(model))
+    groups = method.param_groups(model)
+    main = [p for g in groups if g.optimizer == "main" for p in g.params]
+    out.loss.backward(inputs=main, retain_graph=bool(out.extra_losses))
+    for optimizer, loss in out.extra_losses.items():
+        loss.backward(inputs=[p for g in groups if g.optimizer == optimizer for p in g.params])
+    trainable = [p for g in groups for p in g.params]
     assert trainable
     for param in trainable:
         assert param.grad is not None and torch.isfinite(param.grad).all()
-    logits = method.eval_logits(model, batch)
+    logits = eval_logits(method, model, batch)
     assert logits.shape == (6, 3)
     assert all(math.isfinite(v) for v in out.logs.values())
 
@@ -121,7 +131,7 @@ def test_unimodal_trains_and_predicts_with_one_modality_only():
     assert model.encoders["a"].weight.grad is None and model.fusion.linear.weight.grad is None
     # the modality-a input does not influence its predictions
     changed = Batch(inputs={**batch.inputs, "a": torch.randn(6, 4)}, labels=batch.labels, index=batch.index)
-    torch.testing.assert_close(method.eval_logits(model, batch), method.eval_logits(model, changed))
+    torch.testing.assert_close(eval_logits(method, model, batch), eval_logits(method, model, changed))
 
 
 def test_unimodal_rejects_a_modality_the_dataset_lacks():

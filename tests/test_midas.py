@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from midasbench.datasets.loader import Batch
-from midasbench.harness.fusion import ConcatFusion
-from midasbench.harness.model import MultimodalModel
+from midasbench.harness.models.fusion import ConcatFusion
+from midasbench.harness.models.model import MultimodalModel
 from midasbench.methods import MethodContext, build_method
 from midasbench.methods.midas import (
     alpha_update_code,

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from midasbench.harness import diagnostics
+from midasbench.harness.training import diagnostics
 from midasbench.harness.cli import EXIT_OK, main
-from midasbench.harness.trainer import train
+from midasbench.harness.training.trainer import train
 
 VARIANTS = [
     ["method.name=midas"],

@@ -115,7 +115,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def test_a_run_logs_everything_to_the_server(mlflow_server, tiny_config, tmp_path):
-    from midasbench.harness.trainer import train
+    from midasbench.harness.training.trainer import train
 
     url, artifacts = mlflow_server
     cfg = tiny_config("tracking.enabled=true", f"tracking.uri={url}", "tracking.experiment=server-run")
@@ -147,7 +147,7 @@ def test_a_run_logs_everything_to_the_server(mlflow_server, tiny_config, tmp_pat
 def test_a_sweep_logs_child_runs_under_one_parent_to_the_server(
     mlflow_server, ray_session, data_root, tiny_options, tmp_path
 ):
-    from midasbench.harness.sweep import SWEEP_TAG, TRIAL_TAG, SweepSpec, expand, run_sweep
+    from midasbench.harness.sweeps.sweep import SWEEP_TAG, TRIAL_TAG, SweepSpec, expand, run_sweep
 
     url, _ = mlflow_server
     spec = SweepSpec(

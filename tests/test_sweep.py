@@ -15,8 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from midasbench.harness.cli import EXIT_OK, EXIT_USAGE, main
 from midasbench.harness.errors import ConfigError
-from midasbench.harness.lambda_tuning import choose_lambda
-from midasbench.harness.sweep import CHAOS_FILE, TRIAL_TAG, expand, load_sweep, run_sweep
+from midasbench.harness.sweeps.lambda_tuning import choose_lambda
+from midasbench.harness.sweeps.sweep import CHAOS_FILE, TRIAL_TAG, expand, load_sweep, run_sweep
 
 
 def tiny_overrides(data_root, options) -> list[str]:
@@ -278,7 +278,7 @@ def test_a_multi_worker_trial_runs_ddp_through_ray_train(
 
 
 def test_resources_that_cannot_fit_are_refused():
-    from midasbench.harness.sweep import SweepSpec, check_fits
+    from midasbench.harness.sweeps.sweep import SweepSpec, check_fits
 
     spec = SweepSpec(name="x", resources={"workers": 3, "cpus_per_worker": 1})
     with pytest.raises(ConfigError, match="one trial needs 3 CPU but the Ray cluster has 2"):
@@ -321,7 +321,7 @@ def test_object_store_storage_is_refused_with_a_clear_message(tmp_path):
 
 
 def test_an_autoscaling_cluster_only_warns_about_missing_resources(capsys):
-    from midasbench.harness.sweep import SweepSpec, check_fits
+    from midasbench.harness.sweeps.sweep import SweepSpec, check_fits
 
     spec = SweepSpec(name="x", resources={"gpus_per_trial": 1}, max_concurrent_trials=3)
     assert check_fits(spec, {"CPU": 8, "trial_slot": 8}, strict=False) == 3

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from midasbench.harness.config import build_config
 from midasbench.harness.tracking import flatten, resolve_tracking_uri
-from midasbench.harness.trainer import train
+from midasbench.harness.training.trainer import train
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):

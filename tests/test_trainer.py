@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from midasbench.datasets import ArrowDataset
-from midasbench.harness import checkpoint as ckpt
-from midasbench.harness.metrics import split_metrics
-from midasbench.harness.model import build_model
-from midasbench.harness.trainer import BEST, LAST, dataset_path, evaluate, train
+from midasbench.harness.training import checkpoint as ckpt
+from midasbench.harness.training.metrics import split_metrics
+from midasbench.harness.models.model import build_model
+from midasbench.harness.training.checkpoint import CheckpointDir
+from midasbench.harness.training.evaluation import evaluate
+from midasbench.harness.training.trainer import dataset_path, train
 from midasbench.methods import MethodContext, build_method
 
 
@@ -40,12 +42,12 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_evaluated_on_it(tiny_con
     # the reported test metrics are those of the saved best-epoch weights
     dataset = ArrowDataset(dataset_path(cfg))
     model = build_model(cfg.model, dataset.manifest)
-    saved = ckpt.load(result.checkpoint_dir / BEST)
+    saved = ckpt.load(result.checkpoint_dir / CheckpointDir.BEST)
     assert saved["epoch"] == result.best_epoch
     model.load_state_dict(saved["model"])
     method = build_method("joint", {}, MethodContext(("strong", "weak"), 4, 5, 8))
     again = evaluate(
-        model, method, dataset.split("test"), 512, torch.device("cpu"), amp=False, diagnostics_seed=0
+        model, method, dataset.split("test"), 512, torch.device("cpu"), diagnostics_seed=0
     )
     assert again == result.test
 
@@ -70,13 +72,13 @@ def test_resume_from_an_epoch_checkpoint_matches_an_uninterrupted_run(tiny_confi
 
     with pytest.raises(Crash):
         train(interrupted, callbacks=[crash_after_epoch_2])
-    assert ckpt.load(tmp_path / "part" / LAST)["epoch"] == 2
+    assert ckpt.load(tmp_path / "part" / CheckpointDir.LAST)["epoch"] == 2
     seen = []
     resumed = train(interrupted, callbacks=[lambda epoch, metrics, d: seen.append(epoch)])
     assert seen == [3, 4]  # only the unfinished epochs ran
     assert resumed.history == full.history
     assert resumed.test == full.test
-    assert ckpt.load(tmp_path / "part" / LAST)["completed"] is True
+    assert ckpt.load(tmp_path / "part" / CheckpointDir.LAST)["completed"] is True
 
 
 def test_a_changed_config_does_not_resume_a_foreign_checkpoint(tiny_config, tmp_path):

@@ -21,9 +21,9 @@ import torchvision
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from .errors import ConfigError
-from .params import ComponentEntry, Params, component_decorator, parse_params
-from .registry import Registry
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.params import ComponentEntry, Params, component_decorator, parse_params
+from midasbench.harness.registry import Registry
 
 ENCODERS: Registry[ComponentEntry] = Registry("encoder")
 

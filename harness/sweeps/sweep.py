@@ -35,10 +35,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config import RunConfig, load_config
-from .errors import ConfigError
-from .params import describe_validation_error
-from .tracking import IDENTITY_TAG
+from midasbench.harness.config import RunConfig, load_config
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.params import describe_validation_error
+from midasbench.harness.tracking import IDENTITY_TAG
 
 SWEEP_TAG = "midasbench.sweep"
 TRIAL_TAG = IDENTITY_TAG
@@ -222,7 +222,7 @@ def storage_root(spec: SweepSpec) -> Path:
 
 
 def _trial_payload(plan: SweepPlan, trial: Trial, root: Path, uri: str, experiment: str, parent: str) -> dict:
-    from .trainer import clone_config
+    from midasbench.harness.training.trainer import clone_config
 
     cfg = clone_config(
         RunConfig.model_validate(trial.config),
@@ -251,7 +251,7 @@ def _with_node_tag(config: dict[str, Any]) -> RunConfig:
     """The trial's config, tagged with the Ray node that runs it."""
     import ray
 
-    from .config import build_config
+    from midasbench.harness.config import build_config
 
     cfg = build_config(config, "sweep trial")
     cfg.tracking.tags = {**cfg.tracking.tags, "ray.node_id": ray.get_runtime_context().get_node_id()}
@@ -285,7 +285,7 @@ def _train_reporting(cfg: RunConfig, key: str, report: Any) -> None:
     """Train one trial, reporting each epoch's metrics to Ray. The last epoch is reported only after the
     test evaluation and MLflow logging are done: a scheduler may stop a trial at any report, and stopping
     at the final one would otherwise cut off the run's test metrics."""
-    from .trainer import train
+    from midasbench.harness.training.trainer import train
 
     last = cfg.train.epochs - 1
     final: dict[str, Any] = {}
@@ -456,7 +456,7 @@ def run_sweep(
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from .tracking import ensure_experiment, resolve_tracking_uri
+    from midasbench.harness.tracking import ensure_experiment, resolve_tracking_uri
 
     start = time.time()
     spec = plan.spec
@@ -494,14 +494,20 @@ def run_sweep(
         )
     failed: list[str] = []
     if pending:
-        from .trainer import dataset_path
+        from midasbench.datasets import ArrowDataset
+        from midasbench.harness.training.trainer import check_method_requirements, dataset_path
 
-        built: set[str] = set()
+        modality_counts: dict[str, int] = {}
         for trial in pending:  # build each dataset once, here, before any trial reads it
+            cfg = RunConfig.model_validate(trial.config)
             data_key = json.dumps(trial.config["data"], sort_keys=True)
-            if data_key not in built:
-                dataset_path(RunConfig.model_validate(trial.config))
-                built.add(data_key)
+            if data_key not in modality_counts:
+                manifest = ArrowDataset(dataset_path(cfg)).manifest
+                modality_counts[data_key] = len(manifest.modality_names)
+            try:  # a method that cannot run on this dataset is refused before any trial starts
+                check_method_requirements(cfg, modality_counts[data_key])
+            except ConfigError as exc:
+                raise ConfigError(f"sweep {plan.spec.name}: trial {trial.assignment}: {exc}") from None
         init_ray(address)
         max_concurrent = check_fits(spec, ray.cluster_resources(), strict=address is None)
         payloads = [_trial_payload(plan, t, root, uri, experiment, parent) for t in pending]

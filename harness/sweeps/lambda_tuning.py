@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .sweep import SweepSpec, expand, run_sweep
+from midasbench.harness.sweeps.sweep import SweepSpec, expand, run_sweep
 
 PAPER_LAMBDAS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
 

@@ -1,23 +1,31 @@
-"""The multimodal model: per-modality encoders, a fusion head, and per-modality unimodal heads.
+"""The multimodal model: per-modality encoders, a fusion head, per-modality unimodal heads, and the
+modules a method owns.
 
 The unimodal heads ``g_m`` (MIDAS §3.1) exist on every model so that any method can use them; methods
 that do not (``joint``) leave them out of the optimiser. Methods call ``encode``/``fuse``/``unimodal``
 separately (e.g. MIDAS fuses misaligned feature pairs), so nothing here is specific to one method.
+
+Precision contract: only the encoders run under autocast (bf16 on GPU); ``encode`` hands back float32
+features, and every head, method module, loss, soft label and distance after it computes in float32
+without a cast in the method. Modules a method declares (``Method.build_modules``) live under
+``method_modules``, so they move to the device, switch train/eval, are reduced, clipped and checkpointed
+with the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
 
 from midasbench.datasets.format import Manifest
-
-from .config import ComponentConfig, ModelConfig
-from .encoders import build_encoder
-from .errors import ConfigError
-from .fusion import build_fusion
+from midasbench.harness.config import ComponentConfig, ModelConfig
+from midasbench.harness.errors import ConfigError
+from midasbench.harness.models.encoders import build_encoder
+from midasbench.harness.models.fusion import build_fusion
 
 
 class MultimodalModel(nn.Module):
@@ -30,15 +38,52 @@ class MultimodalModel(nn.Module):
         self.unimodal_heads = nn.ModuleDict(
             {m: nn.Linear(enc.out_dim, num_classes) for m, enc in encoders.items()}
         )
+        self.method_modules = nn.ModuleDict()
+        self.autocast_dtype: torch.dtype | None = None
+
+    @property
+    def feature_dims(self) -> dict[str, int]:
+        return {m: int(enc.out_dim) for m, enc in self.encoders.items()}
+
+    def attach_method_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Adopt a method's own modules (before the model moves to its device and the optimiser is built)."""
+        for name, module in modules.items():
+            if name in self.method_modules:
+                raise ValueError(f"method module {name!r} is attached twice")
+            self.method_modules[name] = module
+
+    def set_autocast(self, dtype: torch.dtype | None) -> None:
+        """The encoders' autocast dtype (None: float32 throughout)."""
+        self.autocast_dtype = dtype
+
+    def _encoder_autocast(self, device: torch.device) -> AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def encode(
         self, inputs: dict[str, torch.Tensor], modalities: Iterable[str] | None = None
     ) -> dict[str, torch.Tensor]:
+        """Features per modality, float32 whatever precision the encoders ran in."""
         names = self.modalities if modalities is None else list(modalities)
-        return {m: self.encoders[m](inputs[m]) for m in names}
+        out = {}
+        for m in names:
+            with self._encoder_autocast(inputs[m].device):
+                feature = self.encoders[m](inputs[m])
+            out[m] = feature.float()
+        return out
 
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fusion(features)
+
+    @property
+    def fusion_decomposable(self) -> bool:
+        return bool(getattr(self.fusion, "decomposable", False))
+
+    def modality_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's additive share of the fused logits (OGM-style sliced logits, methods.md §0.2);
+        raises ``NotDecomposableError`` for a head whose logits do not split by modality."""
+        return self.fusion.modality_logits(features)
 
     def unimodal(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.unimodal_heads[m](f) for m, f in features.items()}

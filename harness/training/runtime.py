@@ -1,0 +1,129 @@
+"""What a method may use while it runs: device, precision, ranks, collectives, the data, the optimisers.
+
+A method reaches the run only through its ``Runtime`` (``self.runtime``), so one file per method is
+correct on one process and on many without knowing which. The collectives are no-ops on one process;
+under ``torch.distributed`` they reduce on the training device (NCCL reduces GPU tensors only) and hand
+back a tensor on the caller's device. Every rank must call a collective at the same point with the
+same shape: methods call them unconditionally, whatever their local batch held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from midasbench.datasets.format import SplitData
+    from midasbench.harness.models.model import MultimodalModel
+
+# (model, split, rows, modalities) -> (features per modality, labels): the evaluation's encoder pass
+EncodeFn = Callable[
+    ["MultimodalModel", "SplitData", np.ndarray, list[str]], tuple[dict[str, torch.Tensor], torch.Tensor]
+]
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class Runtime:
+    """The run as a method sees it. ``amp_dtype`` is the encoders' autocast dtype (None: full fp32)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp_dtype: torch.dtype | None = None
+    rank: int = 0
+    world_size: int = 1
+    train_split: SplitData | None = None
+    eval_batch_size: int = 512
+    encode_fn: EncodeFn | None = None
+    optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    # ---- collectives (no-ops on one process)
+    def _reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
+        if not self.distributed:
+            return tensor.clone()
+        buffer = tensor.detach().to(self.device, copy=True)
+        dist.all_reduce(buffer, op=op)
+        return buffer.to(tensor.device)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Σ over ranks (a new tensor). Sum numerators and denominators, then divide (spec §20.4 R1)."""
+        return self._reduce(tensor, dist.ReduceOp.SUM if self.distributed else None)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (a new tensor)."""
+        total = self.all_reduce_sum(tensor)
+        return total / self.world_size if self.distributed else total
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s value on every rank (a new tensor): for state one rank decides for all."""
+        if not self.distributed:
+            return tensor.clone()
+        buffer = tensor.detach().to(self.device, copy=True)
+        dist.broadcast(buffer, src=src)
+        return buffer.to(tensor.device)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's tensor concatenated along dim 0 in rank order (equal shapes on every rank)."""
+        if not self.distributed:
+            return tensor.clone()
+        buffer = tensor.detach().to(self.device).contiguous()
+        parts = [torch.empty_like(buffer) for _ in range(self.world_size)]
+        dist.all_gather(parts, buffer)
+        return torch.cat(parts).to(tensor.device)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """A picklable object from rank ``src`` (e.g. a numpy plan); use sparingly, once per epoch."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    # ---- data
+    def encode_rows(
+        self,
+        model: MultimodalModel,
+        rows: np.ndarray,
+        *,
+        split: SplitData | None = None,
+        modalities: list[str] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Encoder features (fp32, eval mode, no grad) and labels of ``rows`` of a split (default: train),
+        in the order given, identical on every rank. Under DDP each rank encodes a strided share and the
+        shares are gathered (spec §20.4 R5; padding rows are dropped), so the pass costs 1/W per rank."""
+        split = split if split is not None else self.train_split
+        if split is None or self.encode_fn is None:
+            raise RuntimeError("encode_rows needs a runtime bound to a run (train split and encoder pass)")
+        names = list(model.modalities if modalities is None else modalities)
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.distributed:
+            return self.encode_fn(model, split, rows, names)
+        per_rank = -(-len(rows) // self.world_size)
+        padded = np.resize(rows, per_rank * self.world_size) if len(rows) else rows
+        mine = padded[self.rank :: self.world_size]
+        features, labels = self.encode_fn(model, split, mine, names)
+        # all_gather is rank-major: gathered position r*per_rank + k holds padded[k*W + r]
+        source = np.arange(self.world_size)[:, None] + np.arange(per_rank)[None, :] * self.world_size
+        inverse = torch.from_numpy(np.argsort(source.reshape(-1)))
+        gathered = {m: self.all_gather(f)[inverse][: len(rows)] for m, f in features.items()}
+        return gathered, self.all_gather(labels)[inverse][: len(rows)]
+
+    # ---- optimisers
+    def param_groups(self, optimizer: str = "main") -> list[dict[str, Any]]:
+        """The parameter groups of one of the run's optimisers (read their lr; do not replace them)."""
+        if optimizer not in self.optimizers:
+            raise KeyError(f"no optimizer {optimizer!r}; the run has {sorted(self.optimizers)}")
+        return self.optimizers[optimizer].param_groups
