@@ -31,17 +31,19 @@ The three registered variants (one class each; per-dataset λ, η, warm-up and c
 ``dataset_defaults``, keyed by ``data.name``):
 
 * ``midas`` (fidelity ``inferred``, the recommended one): the official code's α rule (scalar α, ratio of
-  batch means, A7; never reset, A1) and its mean reductions (A2, A3), because they produced the paper's
-  numbers and λ, η were tuned with them (Table 6); and the paper's y_j ≠ y_i through ``randperm_masked``.
+  batch means, A7; never reset, A1) and its mean reductions (A2, A3), because the code is the best
+  evidence of what produced the paper's numbers and λ was tuned with them (Table 6); and the paper's
+  y_j ≠ y_i through ``randperm_masked``.
   Departures from the official code: same-label pairs and self-pairs are masked instead of trained on as
   up-weighted aligned samples (P-M3); α is capped at 10 on every dataset (the code caps only KS, A12);
   one ratio rule, ``first_over_second``, on every dataset (no Food-101 orientation, no KS flip, P-M5);
   the lr schedule waits for warm-up on every dataset (the Food-101 code does not). Neither the paper nor
   the code alone, hence ``inferred``.
 * ``midas-code`` (``official-code``): the official per-dataset model files. One unmasked ``randperm`` per
-  step, no α cap but KS's 10, and per dataset the file's ratio rule (Food-101 ``second_over_first``, KS
-  ``dominant_over_weak``) and, for Food-101, a schedule stepped every epoch (``model_midas_food101.py:259``
-  steps it at each last batch, warm-up or not; the other files wait, e.g. ``model_midas_cremad.py:296``).
+  step, no α cap but KS's 10, and per dataset the file's ratio rule (Food-101 ``second_over_first``, which
+  is the CREMA-D rule with the modality order reversed; KS ``dominant_over_weak``) and, for Food-101, a
+  schedule stepped every epoch (``model_midas_food101.py:259`` steps it at each last batch, warm-up or
+  not; the other files wait, e.g. ``model_midas_cremad.py:296``).
   Its loss step matches the official CREMA-D and UCF-101 steps to float32 rounding. Departures: α moves
   after the optimiser step from the step's own forward statistics (the code moves it inside the forward,
   after the loss is built: the same α per step); r_mm's two directions are averaged in float64; under data
@@ -56,7 +58,8 @@ The three registered variants (one class each; per-dataset λ, η, warm-up and c
   (§3.2, ``resample_diff_label``: every anchor gets a partner, so Eq. 11's mean runs over the whole batch).
   Where the paper is silent it keeps the code: detached soft labels and similarities (A4, A5), gradients
   into both encoders (A13), the schedule after warm-up (A11), warm-up in full epochs (A10; the paper
-  gives no E_w values, the code's are used). Departures from the official code: all of the above.
+  gives no E_w values, the code's are used). Its departures from the official code are the literal
+  readings listed first.
 
 M > 2 modalities (App. A.2, spec §2.9): M − 1 source permutations and the M cyclic shifts of
 ``(i, j_1, …, j_{M−1})`` over the modalities give M misaligned samples per anchor (for M = 2 exactly the

@@ -1,68 +1,161 @@
-"""The trainer under torch.distributed (as inside a Ray Train worker): two CPU ranks over gloo."""
+"""Every registered method under torch.distributed (as inside a Ray Train worker): two CPU ranks over gloo.
 
+One spawn runs every method (plus the tests' own module-owning method): a few steps on ``synthetic``
+with BatchNorm and dropout in the encoders, then the same run crashed halfway and resumed. Afterwards
+every parameter, buffer, optimiser state and method state must be bitwise equal across the two ranks,
+and the final metrics must equal those of the resumed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from method_cases import METHOD_CASES, TRAIN_OVERRIDES, synthetic_params
+from owning_method import NAME as OWNING
+from owning_method import OwningMethod
 
 from midasbench.harness.config import load_config
-from midasbench.harness.training.trainer import dataset_path, train
+from midasbench.harness.training.trainer import TrainingRun, dataset_path, train
+from midasbench.methods import METHODS
+
+EPOCHS = 3
 
 
-def _worker(rank: int, world_size: int, init_file: str, overrides: list[str], out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+class Crash(RuntimeError):
+    pass
+
+
+def _overrides(method: str, data_root: str, options: dict, ckpt: Path) -> list[str]:
+    return [
+        f"method.name={method}",
+        f"method.params={json.dumps(synthetic_params(method)) if method in METHOD_CASES else '{}'}",
+        f"data.root={data_root}",
+        f"data.options={json.dumps(options)}",
+        "model.default_encoder.params={hidden: [16], out_dim: 8, input_batchnorm: true, dropout: 0.2}",
+        f"train.epochs={EPOCHS}",
+        "train.batch_size=16",
+        "train.progress=false",
+        f"train.checkpoint_dir={ckpt}",
+        "tracking.enabled=false",
+        *TRAIN_OVERRIDES.get(method, []),
+    ]
+
+
+def _snapshot(run: TrainingRun) -> dict:
+    """Everything that must agree across replicas at the end of training (before the test reload)."""
+    return {
+        "model": {k: v.detach().clone() for k, v in run.model.state_dict().items()},
+        "optimizers": run.optimizers.state_dict(),
+        "method": run.method.state_dict(),
+    }
+
+
+def _run_methods(
+    rank: int, world_size: int, init_file: str, methods: list[str], data_root: str, out_root: str, opts: dict
+) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=45),
+    )
+    torch.set_num_threads(1)
+    snapshots: dict[str, dict] = {}
+    original = TrainingRun.test_on_best
+
+    def capture(self: TrainingRun) -> dict:
+        snapshots[self.cfg.method.name] = _snapshot(self)
+        return original(self)
+
+    TrainingRun.test_on_best = capture  # type: ignore[method-assign]
     try:
-        torch.set_num_threads(1)
-        result = train(load_config("synthetic", overrides))
-        state = (
-            torch.load(Path(result.checkpoint_dir) / "best.pt", weights_only=False)["model"]
-            if rank == 0
-            else None
-        )
-        flat = torch.cat([p.detach().reshape(-1) for p in state.values()]) if state else None
-        payload = {"history": result.history, "test": result.test, "best_epoch": result.best_epoch}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(payload))
-        if flat is not None:
-            torch.save(flat, Path(out_dir, "best_params.pt"))
+        with METHODS.temporarily(OWNING, OwningMethod):
+            for method in methods:
+                out = Path(out_root, method)
+                full = train(load_config("synthetic", _overrides(method, data_root, opts, out / "full")))
+                torch.save(snapshots[method], out / f"rank{rank}.pt")
+                cfg = load_config("synthetic", _overrides(method, data_root, opts, out / "part"))
+
+                def crash(epoch: int, metrics: dict, directory: Path) -> None:
+                    if epoch == EPOCHS // 2:
+                        raise Crash
+
+                with contextlib.suppress(Crash):
+                    train(cfg, callbacks=[crash])
+                resumed = train(cfg)
+                payload = {
+                    name: {"test": r.test, "best_epoch": r.best_epoch, "history": r.history}
+                    for name, r in (("full", full), ("resumed", resumed))
+                }
+                (out / f"rank{rank}.json").write_text(json.dumps(payload))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["joint", "midas"])
-def test_two_ranks_train_one_model_and_agree(tmp_path, data_root, tiny_options, method):
-    overrides = [
-        f"method.name={method}",
-        f"data.root={data_root}",
-        f"data.options={json.dumps(tiny_options)}",
-        "model.default_encoder.params={hidden: [16], out_dim: 8}",
-        "train.epochs=2",
-        "method.params={warmup_epochs: 1}" if method == "midas" else "method.params={}",
-        "train.batch_size=16",
-        "train.progress=false",
-        f"train.checkpoint_dir={tmp_path / 'ckpt'}",
-        "tracking.enabled=false",
-    ]
-    # build the dataset once before the ranks start (as the sweep driver will)
-    dataset_path(load_config("synthetic", overrides))
+def _assert_bitwise_equal(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), (
+            f"{where}: replicas differ (max |Δ| {(a.double() - b.double()).abs().max()})"
+        )
+    elif isinstance(a, dict):
+        assert sorted(a, key=str) == sorted(b, key=str), where
+        for key in a:
+            _assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and np.isnan(a):
+        assert np.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+ALL_METHODS = [*METHODS.names(), OWNING]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory, data_root):
+    from conftest import TINY_SYNTHETIC
+
+    tiny_options = dict(TINY_SYNTHETIC)
+    root = tmp_path_factory.mktemp("ddp")
+    for method in ALL_METHODS:
+        (root / method).mkdir()
+    # the dataset is built once before the ranks start (as the sweep driver does)
+    dataset_path(load_config("synthetic", _overrides("joint", str(data_root), tiny_options, root / "x")))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), overrides, str(tmp_path)), nprocs=2, join=True)
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
-    # gradients are averaged, so both ranks hold the same model and report the same metrics
-    # gradients are averaged and MIDAS's α is shared from rank 0, so both ranks hold the same model and
-    # report the same validation/test metrics and α (MIDAS's training-confidence logs are per-rank means)
-    shared = ("val/", "train/loss", "method/alpha_", "lr", "best/")
+    mp.spawn(
+        _run_methods,
+        args=(2, str(root / "init"), ALL_METHODS, str(data_root), str(root), tiny_options),
+        nprocs=2,
+        join=True,
+    )
+    return root
 
-    def comparable(result):
-        history = [{k: v for k, v in h.items() if k.startswith(shared)} for h in result["history"]]
-        return history, result["test"], result["best_epoch"]
 
-    assert comparable(r0) == comparable(r1)
-    assert (tmp_path / "best_params.pt").is_file()
-    # each rank saw half of the 240 training rows per epoch: 8 batches of 16 → 120 rows
-    assert len(r0["history"]) == 2
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_two_ranks_stay_bitwise_equal_and_resume_exactly(two_rank_runs, method):
+    out = two_rank_runs / method
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    _assert_bitwise_equal(r0["model"], r1["model"], f"{method}: model")
+    _assert_bitwise_equal(r0["optimizers"], r1["optimizers"], f"{method}: optimizers")
+    _assert_bitwise_equal(r0["method"], r1["method"], f"{method}: method state")
+    m0, m1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    # every rank evaluates the same model on the same split: identical metrics
+    _assert_bitwise_equal(m0["full"]["test"], m1["full"]["test"], f"{method}: test metrics across ranks")
+    # resumed halfway = uninterrupted
+    _assert_bitwise_equal(m0["resumed"], m0["full"], f"{method}: resumed vs uninterrupted")
+    assert len(m0["full"]["history"]) == EPOCHS

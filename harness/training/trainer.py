@@ -286,8 +286,11 @@ class TrainingRun:
     def checkpoint(self, epoch: int, improved: bool, run_id: str | None) -> None:
         """``best.pt`` (when improved) and ``last.pt``, crash-consistent with each other."""
         rng = ckpt.gathered_rng_state(self.runtime)
-        if self.runtime.rank != 0:
-            return
+        if self.runtime.rank == 0:
+            self._write_checkpoints(epoch, improved, run_id, rng)
+        self.checkpoints.barrier(self.runtime)  # no rank reads (or resumes from) a half-written epoch
+
+    def _write_checkpoints(self, epoch: int, improved: bool, run_id: str | None, rng: list) -> None:
         if improved:
             self.checkpoints.stage_best(
                 {"epoch": epoch, "model": self.model.state_dict(), "method": self.method.state_dict()}
