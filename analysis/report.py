@@ -37,7 +37,7 @@ import pandas as pd
 from .tables import metric_label
 
 LAYOUTS = ("main", "ablation", "augment", "lambda", "modality")
-MIDAS_NAMES = ("midas", "midas-code")
+MIDAS_NAMES = ("midas", "midas-code", "midas-paper")
 AUGMENT_METHODS = ("joint", "mixup", "powmix", "lemda", "midas")
 PARAM = "params.method.params."
 SWITCHES = (("W", "use_warmup"), ("WM", "use_weak_modality_weight"), ("HS", "use_hard_sample_weight"))

@@ -633,16 +633,13 @@ class Midas(Method):
 
     def _share_alpha_across_ranks(self, model: MultimodalModel) -> None:
         """Under data parallelism every rank updates α from its own batch; rank 0's α is then given to
-        all ranks so the loss weights stay identical everywhere (and match the checkpointed α). Every rank
-        calls this at every post-warm-up step, whatever its batch held, so the collectives line up."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        all ranks through the runtime (spec §20.4 R6), so the loss weights stay identical everywhere and
+        match the checkpointed α. Every rank calls this at every post-warm-up step, whatever its batch
+        held, so the collectives line up; on one process it changes nothing."""
+        if not self.runtime.distributed:
             return
-        device = next(model.parameters()).device  # NCCL reduces GPU tensors only
-        state = torch.cat([self.alpha, torch.tensor([self.alpha_code, float(self.weak_code)])]).to(device)
-        dist.broadcast(state, src=0)
-        state = state.cpu()
+        state = torch.cat([self.alpha, torch.tensor([self.alpha_code, float(self.weak_code)])])
+        state = self.runtime.broadcast(state, src=0)
         self.alpha = state[: self.num_modalities].clone()
         self.alpha_code, self.weak_code = float(state[-2]), int(state[-1])
 

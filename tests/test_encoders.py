@@ -18,8 +18,8 @@ import torch
 import torchvision
 from torch import nn
 
-from midasbench.harness.models.encoders import ENCODERS, build_encoder
 from midasbench.harness.errors import ConfigError
+from midasbench.harness.models.encoders import ENCODERS, build_encoder
 
 # transformers is imported lazily by the hf_text factory, i.e. after this line; never reach the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"

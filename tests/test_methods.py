@@ -5,17 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from method_cases import METHOD_CASES
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.fusion import ConcatFusion
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.methods import METHODS, Method, MethodContext, build_method
-from method_cases import METHOD_CASES
 
 MODALITIES = ("a", "b")
 CONTEXT = MethodContext(modalities=MODALITIES, num_classes=3, epochs=4, steps_per_epoch=2)
-
 
 
 class Linear(torch.nn.Linear):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from midasbench.harness.training import diagnostics
 from midasbench.harness.cli import EXIT_OK, main
+from midasbench.harness.training import diagnostics
 from midasbench.harness.training.trainer import train
 
 VARIANTS = [

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from midasbench.datasets import ArrowDataset
-from midasbench.harness.training import checkpoint as ckpt
-from midasbench.harness.training.metrics import split_metrics
 from midasbench.harness.models.model import build_model
+from midasbench.harness.training import checkpoint as ckpt
 from midasbench.harness.training.checkpoint import CheckpointDir
 from midasbench.harness.training.evaluation import evaluate
+from midasbench.harness.training.metrics import split_metrics
 from midasbench.harness.training.trainer import dataset_path, train
 from midasbench.methods import MethodContext, build_method
 
@@ -46,9 +46,7 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_evaluated_on_it(tiny_con
     assert saved["epoch"] == result.best_epoch
     model.load_state_dict(saved["model"])
     method = build_method("joint", {}, MethodContext(("strong", "weak"), 4, 5, 8))
-    again = evaluate(
-        model, method, dataset.split("test"), 512, torch.device("cpu"), diagnostics_seed=0
-    )
+    again = evaluate(model, method, dataset.split("test"), 512, torch.device("cpu"), diagnostics_seed=0)
     assert again == result.test
 
 
