@@ -102,7 +102,11 @@ class OwningMethod(Method):
         correct, seen = self.runtime.all_reduce_sum(counts).tolist()  # rank-identical state (R1, R6)
         self.running_acc = 0.9 * self.running_acc + 0.1 * correct / seen
         self.steps += 1
-        return StepOutput(loss=loss, logs={"running_acc": self.running_acc}, extra_losses={"aux": aux_loss})
+        assert self.runtime.param_groups("aux")[0]["lr"] == self.params.aux_lr  # read access to groups
+        logs = {"running_acc": self.running_acc}
+        if self.runtime.rank == 0:  # a key one rank alone logs: the epoch reduction takes the union
+            logs["rank0_only"] = 1.0
+        return StepOutput(loss=loss, logs=logs, extra_losses={"aux": aux_loss})
 
     def after_optimizer_step(self, model: MultimodalModel, epoch: int) -> None:
         grads = [p.grad.norm() for p in model.method_modules["aux"].parameters() if p.grad is not None]

@@ -159,3 +159,6 @@ def test_two_ranks_stay_bitwise_equal_and_resume_exactly(two_rank_runs, method):
     # resumed halfway = uninterrupted
     _assert_bitwise_equal(m0["resumed"], m0["full"], f"{method}: resumed vs uninterrupted")
     assert len(m0["full"]["history"]) == EPOCHS
+    if method == OWNING:  # logged by rank 0 only: averaged over the rows that logged it
+        assert all(h["train/rank0_only"] == 1.0 for h in m0["full"]["history"])
+        assert all(h["train/loss_aux"] > 0 for h in m0["full"]["history"])

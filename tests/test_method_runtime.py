@@ -162,3 +162,78 @@ def test_runtime_collectives_are_identity_on_one_process():
         assert torch.equal(y, x) and y is not x
     with pytest.raises(RuntimeError, match="bound to a run"):
         runtime.encode_rows(None, np.arange(3))  # type: ignore[arg-type]
+
+
+def test_a_staged_best_is_promoted_or_dropped_to_agree_with_last_and_a_mismatch_is_refused(tmp_path):
+    from midasbench.harness.training.checkpoint import CheckpointDir, CheckpointError
+
+    d = CheckpointDir(tmp_path, "abc")
+    d.stage_best({"epoch": 0, "model": {}, "method": {}})
+    d.save_last({"epoch": 0, "completed": False, "best_epoch": 0})
+    assert d.load_best(0)["epoch"] == 0 and not (tmp_path / d.STAGED).exists()
+    # a crash between staging epoch 1's best and writing its last.pt: the staged file is dropped
+    d.stage_best({"epoch": 1, "model": {}, "method": {}})
+    assert d.load_last()["best_epoch"] == 0 and not (tmp_path / d.STAGED).exists()
+    assert d.load_best(0)["epoch"] == 0
+    # a crash after last.pt named epoch 1 but before the promotion: the staged file is promoted
+    d.stage_best({"epoch": 1, "model": {}, "method": {}})
+    ckpt.atomic_save(
+        {"fingerprint": "abc", "epoch": 1, "completed": False, "best_epoch": 1}, tmp_path / d.LAST
+    )
+    assert d.load_last()["best_epoch"] == 1 and d.load_best(1)["epoch"] == 1
+    # best.pt of another config or epoch is an error naming both files, never a silent test on it
+    ckpt.atomic_save({"fingerprint": "other", "epoch": 1}, tmp_path / d.BEST)
+    with pytest.raises(CheckpointError, match=r"best\.pt: holds epoch 1 of config other, but .*last\.pt"):
+        d.load_last()
+
+
+def test_encoders_run_under_autocast_and_everything_after_them_in_float32():
+    from midasbench.harness.models.fusion import ConcatFusion
+    from midasbench.harness.models.model import MultimodalModel
+
+    class Encoder(torch.nn.Linear):
+        out_dim = 3
+
+    encoders = {"a": Encoder(4, 3), "b": Encoder(2, 3)}
+    model = MultimodalModel(encoders, ConcatFusion({"a": 3, "b": 3}, 2), num_classes=2)
+    seen = []
+    encoders["a"].register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    model.set_autocast(torch.bfloat16)  # CPU autocast supports bf16, as CUDA's does
+    features = model.encode({"a": torch.randn(5, 4), "b": torch.randn(5, 2)})
+    assert seen == [torch.bfloat16]  # the encoder itself ran in bf16
+    assert {f.dtype for f in features.values()} == {torch.float32}
+    assert model.fuse(features).dtype == torch.float32  # heads see fp32 features, outside autocast
+    model.set_autocast(None)
+    model.encode({"a": torch.randn(5, 4), "b": torch.randn(5, 2)})
+    assert seen[-1] == torch.float32
+
+
+def test_a_sweep_that_breaks_a_requirement_is_refused_before_any_trial(
+    owning, tmp_path, data_root, mlflow_uri
+):
+    import json
+
+    import yaml
+    from conftest import TINY_SYNTHETIC
+
+    from midasbench.harness.sweeps.sweep import expand, load_sweep, run_sweep
+
+    base = {
+        "name": "needs",
+        "base": "synthetic",
+        "overrides": [f"data.root={data_root}", f"data.options={json.dumps(TINY_SYNTHETIC)}"],
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump({**base, "grid": {"method.name": [NAME], "model.fusion.name": ["sum", "film"]}})
+    )
+    with pytest.raises(ConfigError, match=r"trial 1 .*method 'owning-test' needs a decomposable fusion head"):
+        expand(load_sweep(path), str(path))
+
+    class ThreeModal(OwningMethod):
+        requires = Requirements(min_modalities=3)
+
+    with METHODS.temporarily("three-modal", ThreeModal):
+        path.write_text(yaml.safe_dump({**base, "grid": {"method.name": ["joint", "three-modal"]}}))
+        with pytest.raises(ConfigError, match=r"trial .*three-modal.* needs at least 3 modalities"):
+            run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, echo=False)
