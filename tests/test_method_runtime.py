@@ -237,3 +237,54 @@ def test_a_sweep_that_breaks_a_requirement_is_refused_before_any_trial(
         path.write_text(yaml.safe_dump({**base, "grid": {"method.name": ["joint", "three-modal"]}}))
         with pytest.raises(ConfigError, match=r"trial .*three-modal.* needs at least 3 modalities"):
             run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, echo=False)
+
+
+def test_param_groups_keep_their_own_lr_and_weight_decay_and_overlaps_are_refused(tiny_config):
+    from tests_support_models import two_layer_model
+
+    from midasbench.harness.training.optim import build_optimizers
+    from midasbench.methods.base import OptimizerSpec, ParamGroup
+
+    cfg = tiny_config("optimizer.lr=0.1", "optimizer.weight_decay=0.001")
+    model = two_layer_model()
+
+    class Grouped(OwningMethod):
+        def param_groups(self, model):
+            return [
+                ParamGroup("encoders", list(model.encoders.parameters()), lr=0.5),
+                ParamGroup("heads", list(model.fusion.parameters()), weight_decay=0.0),
+                ParamGroup("probe", list(model.unimodal_heads.parameters()), optimizer="probe"),
+            ]
+
+        def optimizers(self):
+            return {"probe": OptimizerSpec("sgd", lr=0.2, weight_decay=0.3)}
+
+    method = Grouped(OwningMethod.Params(), MethodContext(("a", "b"), 2, 1, 1))
+    built = build_optimizers(cfg, method, model)
+    groups = {g["name"]: g for g in built.main.param_groups}
+    assert (groups["encoders"]["lr"], groups["encoders"]["weight_decay"]) == (0.5, 0.001)
+    assert (groups["heads"]["lr"], groups["heads"]["weight_decay"]) == (0.1, 0.0)
+    probe = built.by_name["probe"].param_groups[0]
+    assert isinstance(built.by_name["probe"], torch.optim.SGD) and (probe["lr"], probe["weight_decay"]) == (
+        0.2,
+        0.3,
+    )
+
+    class Overlapping(Grouped):
+        def param_groups(self, model):
+            return [
+                ParamGroup("x", list(model.parameters())),
+                ParamGroup("y", list(model.fusion.parameters())),
+            ]
+
+    with pytest.raises(ValueError, match="a parameter is in groups 'x' and 'y'"):
+        build_optimizers(cfg, Overlapping(OwningMethod.Params(), method.context), model)
+
+    class Undeclared(Grouped):
+        def optimizers(self):
+            return {}
+
+    with pytest.raises(
+        ValueError, match=r"names optimizer 'probe', which method\.optimizers\(\) does not declare"
+    ):
+        build_optimizers(cfg, Undeclared(OwningMethod.Params(), method.context), model)
