@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import types
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from owning_method import NAME as OWNING
 from owning_method import OwningMethod
 
 from midasbench.harness.config import load_config
+from midasbench.harness.training.runtime import Runtime
 from midasbench.harness.training.trainer import TrainingRun, dataset_path, train
 from midasbench.methods import METHODS
 
@@ -70,6 +72,7 @@ def _run_methods(
         timeout=timedelta(seconds=45),
     )
     torch.set_num_threads(1)
+    _check_collectives(rank, world_size, Path(out_root))
     snapshots: dict[str, dict] = {}
     original = TrainingRun.test_on_best
 
@@ -100,6 +103,32 @@ def _run_methods(
                 (out / f"rank{rank}.json").write_text(json.dumps(payload))
     finally:
         dist.destroy_process_group()
+
+
+ROWS = [5, 3, 3, 9, 0]  # a repeat, and five rows over two ranks (one pad)
+
+
+def _check_collectives(rank: int, world_size: int, out_root: Path) -> None:
+    """The runtime's collectives and its sharded ``encode_rows`` on two real ranks."""
+
+    def encode(model, split, rows, names):  # a stand-in encoder: the feature of row r is (r, 10 r)
+        values = torch.tensor(rows, dtype=torch.float32)
+        return {"a": torch.stack([values, 10 * values], 1)}, torch.tensor(rows)
+
+    runtime = Runtime(rank=rank, world_size=world_size, train_split=object(), encode_fn=encode)
+    model = types.SimpleNamespace(modalities=["a"])
+    features, labels = runtime.encode_rows(model, np.array(ROWS))  # type: ignore[arg-type]
+    mine = torch.tensor([float(rank + 1)])
+    result = {
+        "features": features["a"].tolist(),
+        "labels": labels.tolist(),
+        "sum": runtime.all_reduce_sum(mine).tolist(),
+        "mean": runtime.all_reduce_mean(mine).tolist(),
+        "broadcast": runtime.broadcast(mine, src=1).tolist(),
+        "gather": runtime.all_gather(mine).tolist(),
+        "object": runtime.broadcast_object({"rank": rank}),
+    }
+    (out_root / f"collectives{rank}.json").write_text(json.dumps(result))
 
 
 def _assert_bitwise_equal(a, b, where: str) -> None:
@@ -162,3 +191,13 @@ def test_two_ranks_stay_bitwise_equal_and_resume_exactly(two_rank_runs, method):
     if method == OWNING:  # logged by rank 0 only: averaged over the rows that logged it
         assert all(h["train/rank0_only"] == 1.0 for h in m0["full"]["history"])
         assert all(h["train/loss_aux"] > 0 for h in m0["full"]["history"])
+
+
+@pytest.mark.slow
+def test_runtime_collectives_and_sharded_encoding_on_two_ranks(two_rank_runs):
+    for rank in (0, 1):
+        got = json.loads((two_rank_runs / f"collectives{rank}.json").read_text())
+        # each rank encoded its strided share; gathered, the rows come back in the order asked, pad dropped
+        assert got["features"] == [[float(r), 10.0 * r] for r in ROWS] and got["labels"] == ROWS
+        assert got["sum"] == [3.0] and got["mean"] == [1.5] and got["broadcast"] == [2.0]
+        assert got["gather"] == [1.0, 2.0] and got["object"] == {"rank": 0}
