@@ -41,7 +41,7 @@ from midasbench.harness.params import Params
 from midasbench.harness.registry import Registry
 from midasbench.harness.training.runtime import Runtime
 
-Fidelity = Literal["paper", "official-code", "inferred", "baseline"]
+Fidelity = Literal["paper", "official-code", "inferred", "reconstructed", "baseline"]
 MAIN_OPTIMIZER = "main"
 
 
