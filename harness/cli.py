@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,15 +109,22 @@ def _first_line(text: str | None) -> str:
     return lines[0] if lines else ""
 
 
+def _method_summary(cls: type) -> str:
+    """The class's own docstring (else its module's) first line, then its parameters with defaults."""
+    doc = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__
+    params = ", ".join(f"{name}={field.default!r}" for name, field in cls.Params.model_fields.items())
+    if not params:
+        return _first_line(doc)
+    wrapped = textwrap.fill(params, width=104, initial_indent="    params: ", subsequent_indent=" " * 12)
+    return f"{_first_line(doc)}\n{wrapped}"
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     what = args.what
     if what == "methods":
         from midasbench.methods import METHODS
 
-        rows = [
-            (n, f"[{c.fidelity}] {_first_line(sys.modules[c.__module__].__doc__)}")
-            for n, c in METHODS.items()
-        ]
+        rows = [(n, f"[{c.fidelity}] {_method_summary(c)}") for n, c in METHODS.items()]
     elif what == "datasets":
         from midasbench.datasets import DATASETS
 

@@ -473,6 +473,8 @@ MIDAS_CODE_DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 @register_method("midas")
 class Midas(Method):
+    """MIDAS with the official code's α rule and mean reductions, same-label pairs masked (recommended)."""
+
     fidelity = "inferred"
     Params = MidasParams
     dataset_defaults = MIDAS_DATASET_DEFAULTS
@@ -682,6 +684,8 @@ class Midas(Method):
 
 @register_method("midas-code")
 class MidasCode(Midas):
+    """MIDAS as the official per-dataset model files compute it, quirks included."""
+
     fidelity = "official-code"
     Params = MidasCodeParams
     dataset_defaults = MIDAS_CODE_DATASET_DEFAULTS
@@ -689,6 +693,8 @@ class MidasCode(Midas):
 
 @register_method("midas-paper")
 class MidasPaper(Midas):
+    """MIDAS as the paper's equations read literally (Eq. 5-7 vector α, sums of Eq. 9 and 11)."""
+
     fidelity = "paper"
     Params = MidasPaperParams
     dataset_defaults = MIDAS_DATASET_DEFAULTS  # λ, η and warm-up as ``midas`` (the paper gives no E_w)

@@ -21,7 +21,11 @@ def test_help_and_list(capsys):
     assert "train" in capsys.readouterr().out
     assert run_cli("list", "methods") == EXIT_OK
     out = capsys.readouterr().out
-    assert "joint" in out and "unimodal" in out
+    from midasbench.methods import METHODS
+
+    for name, cls in METHODS.items():  # every method with its fidelity and its parameters' defaults
+        assert f"{name}" in out and f"[{cls.fidelity}]" in out
+    assert "[inferred] MIDAS with the official code's α rule" in out and "lam=1.0, eta=0.05" in out
     for what, expected in [
         ("datasets", "synthetic"),
         ("encoders", "resnet18"),
