@@ -14,6 +14,11 @@ METHOD_CASES: dict[str, dict[str, Any]] = {
     "midas": {"warmup_epochs": 1},
     "midas-code": {"warmup_epochs": 1},
     "midas-paper": {"warmup_epochs": 1},
+    "mixup": {"alpha": 0.4, "mixup_mode": "add"},  # clean + mixed CE, one λ and π per step
+    "powmix": {"r_max": 3},  # all five components on: varying n, dynamic r and α, ρ = 2, anisotropic
+    "ogm": {"modulate": "weights", "warmup_epochs": 1},  # MLP encoders: no conv; epochs 1-2 modulated
+    "ogm_ge": {"modulate": "weights"},  # MLP encoders have no conv weights; window from epoch 0
+    "opm": {"warmup_epochs": 1, "p_exe": 1.0},  # epoch 0 joint, then every batch dropped
     "unimodal": {"modality": "b"},
 }
 
