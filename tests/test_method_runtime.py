@@ -221,6 +221,7 @@ def test_a_sweep_that_breaks_a_requirement_is_refused_before_any_trial(
     base = {
         "name": "needs",
         "base": "synthetic",
+        "storage": str(tmp_path / "store"),
         "overrides": [f"data.root={data_root}", f"data.options={json.dumps(TINY_SYNTHETIC)}"],
     }
     path = tmp_path / "s.yaml"
