@@ -60,7 +60,7 @@ class Runtime:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Σ over ranks (a new tensor). Sum numerators and denominators, then divide (spec §20.4 R1)."""
-        return self._reduce(tensor, dist.ReduceOp.SUM if self.distributed else None)
+        return self._reduce(tensor, dist.ReduceOp.SUM)
 
     def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mean over ranks (a new tensor)."""

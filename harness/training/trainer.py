@@ -248,7 +248,7 @@ class TrainingRun:
     def _step(self, batch: Any, epoch: int) -> dict[str, float]:
         out = self.method.training_step(self.model, batch, epoch)
         self.optimizers.zero_grad()
-        extra = [(name, loss) for name, loss in out.extra_losses.items()]
+        extra = list(out.extra_losses.items())
         main_params = self.optimizers.params["main"]
         out.loss.backward(inputs=main_params or None, retain_graph=bool(extra))
         for i, (name, loss) in enumerate(extra):  # each extra optimiser's loss reaches its own parameters
