@@ -20,7 +20,8 @@ A method or dataset without runs is simply not a row or column; a row with no ru
 on); where its runs hold several λ, the λ with the best mean validation accuracy (ties: the smaller), as
 ``midasbench tune lambda`` chooses; a footnote says so. Per column the best mean (higher is better,
 compared as displayed) is bold and the second best underlined; with two distinct values only the best is
-marked. A cell with fewer runs than the table's most common n carries a †.
+marked. A cell with fewer runs than the table's most common n carries a †. Rows whose runs carry the
+fidelity ``reconstructed`` (no public code: AMCo, PowMix) or ``inferred`` are named in a footnote each.
 """
 
 from __future__ import annotations
@@ -485,8 +486,27 @@ def _assemble(layout: _Layout, reference: str | None, allow_mixed: bool) -> tupl
         notes.append("Mixed runs aggregated (--allow-mixed): " + "; ".join(problems) + ".")
     if repeated:
         notes.append("Cells with a seed run more than once: " + "; ".join(repeated) + ".")
+    notes += _fidelity_notes(runs, rows)
     table.notes = [*notes, *layout.notes]
     return table, ([reference] if missing_reference else [])
+
+
+FIDELITY_NOTES = {
+    "reconstructed": "no public code exists; re-implemented from the paper's abstract and the spec, so these "
+    "numbers are ours, not the authors' method as they ran it",
+    "inferred": "the sources leave choices open; the spec's inferred reading is implemented (see the "
+    "method's docstring)",
+}
+
+
+def _fidelity_notes(runs: pd.DataFrame, rows: Sequence[Row]) -> list[str]:
+    """A footnote per weaker-than-code fidelity, naming the rows whose runs carry it."""
+    notes = []
+    for fidelity, text in FIDELITY_NOTES.items():
+        hit = sorted({rows[i].name for i in runs.loc[runs["fidelity"] == fidelity, "_row"]})
+        if hit:
+            notes.append(f"Fidelity {fidelity!r} ({text}): {', '.join(hit)}.")
+    return notes
 
 
 def _rank(table: Table) -> None:

@@ -457,3 +457,26 @@ def test_cli_dataset_filter_gives_a_table_of_some_datasets_only(store, capsys):
     assert "CREMA-D Acc_mean" in header and header.count("Acc_mean") == 1
     assert main([*args, "--datasets", "ucf101"]) == EXIT_USAGE
     assert "--datasets: no runs on ['ucf101']" in capsys.readouterr().err
+
+
+def test_reconstructed_and_inferred_fidelities_get_footnotes():
+    import pandas as pd
+
+    def run(method: str, fidelity: str, seed: int, acc: float) -> dict:
+        return {
+            "dataset": "cremad", "method": method, "fidelity": fidelity, "split_protocol": "midas70",
+            "split_seed": 0, "seed": seed, "metrics.test/acc": acc, "metrics.test/macro_f1": acc,
+        }  # fmt: skip
+
+    frame = pd.DataFrame(
+        [run("joint", "baseline", s, 0.6) for s in (0, 1)]
+        + [run("amco", "reconstructed", s, 0.62) for s in (0, 1)]
+        + [run("powmix", "reconstructed", s, 0.61) for s in (0, 1)]
+        + [run("mixup", "inferred", s, 0.59) for s in (0, 1)]
+    )
+    notes = one(build_tables(frame, "main")).notes
+    reconstructed = [n for n in notes if n.startswith("Fidelity 'reconstructed'")]
+    inferred = [n for n in notes if n.startswith("Fidelity 'inferred'")]
+    assert len(reconstructed) == 1 and reconstructed[0].endswith(": amco, powmix.")
+    assert len(inferred) == 1 and inferred[0].endswith(": mixup.")
+    assert not any("joint" in n for n in notes if n.startswith("Fidelity"))
