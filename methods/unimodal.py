@@ -1,7 +1,10 @@
 """``unimodal``: one modality's encoder and a linear head, trained and evaluated alone.
 
 The unimodal baselines of MIDAS Table 1 (e.g. "Audio only", "Visual only"): ``L = CE(g_m(φ_m(x^m)), y)``
-for the modality given by ``modality``; the other encoders are neither run nor trained.
+for the modality given by ``modality``; the other encoders are neither run nor trained. ``modality`` is a
+name (``audio``) or a position in the dataset's modality order (``0``), so that one sweep over datasets
+with different modality names can hold "the first modality alone" for each; the label always shows the
+name (``unimodal[audio]``).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from midasbench.datasets.loader import Batch
@@ -21,7 +25,26 @@ from .base import Method, MethodContext, StepOutput, register_method
 
 
 class UnimodalParams(Params):
-    modality: str | None = None
+    modality: str | int | None = Field(
+        default=None, description="the modality trained: a name, or a position in the dataset's order"
+    )
+
+
+def resolve_modality(given: str | int | None, modalities: tuple[str, ...]) -> str:
+    """The modality's name from a name or a 0-based position; a clear error names what is allowed."""
+    if isinstance(given, int) and not isinstance(given, bool):
+        if 0 <= given < len(modalities):
+            return modalities[given]
+        raise ConfigError(
+            f"method.params.modality: position {given} is out of range; the dataset has "
+            f"{len(modalities)} modalities ({', '.join(modalities)}), positions 0-{len(modalities) - 1}"
+        )
+    if given not in modalities:
+        raise ConfigError(
+            f"method.params.modality: {given!r} is not a modality of this dataset; "
+            f"allowed: {', '.join(modalities)} (or their positions 0-{len(modalities) - 1})"
+        )
+    return given
 
 
 @register_method("unimodal")
@@ -31,12 +54,7 @@ class Unimodal(Method):
 
     def __init__(self, params: UnimodalParams, context: MethodContext) -> None:
         super().__init__(params, context)
-        if params.modality not in context.modalities:
-            raise ConfigError(
-                f"method.params.modality: {params.modality!r} is not a modality of this dataset; "
-                f"allowed: {', '.join(context.modalities)}"
-            )
-        self.modality: str = params.modality
+        self.modality: str = resolve_modality(params.modality, context.modalities)
 
     @property
     def label(self) -> str:

@@ -138,3 +138,11 @@ def test_unimodal_rejects_a_modality_the_dataset_lacks():
         build_method("unimodal", {"modality": "c"}, CONTEXT)
     with pytest.raises(ConfigError, match="allowed: a, b"):
         build_method("unimodal", {}, CONTEXT)
+
+
+def test_unimodal_takes_a_modality_position_and_labels_it_by_name():
+    method = build_method("unimodal", {"modality": 1}, CONTEXT)
+    assert method.modality == "b" and method.label == "unimodal[b]"
+    assert build_method("unimodal", {"modality": 0}, CONTEXT).label == "unimodal[a]"
+    with pytest.raises(ConfigError, match=r"position 2 is out of range.*\(a, b\), positions 0-1"):
+        build_method("unimodal", {"modality": 2}, CONTEXT)

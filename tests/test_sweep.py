@@ -64,6 +64,26 @@ def test_expansion_grid_random_and_dry_run(tmp_path, capsys):
     assert out.strip().endswith("12 trials") and out.count("\nt-") == 12
 
 
+def test_a_base_axis_sweeps_datasets_each_with_its_own_preset(tmp_path):
+    preset = yaml.safe_load((Path(__file__).parents[1] / "harness/presets/synthetic.yaml").read_text())
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({**preset, "train": {"epochs": 7}}))
+    path = write_sweep(
+        tmp_path / "s.yaml",
+        name="exp",
+        grid={"base": ["synthetic", "avdigits", "mine.yaml"], "train.seed": [0, 1]},
+        overrides=["train.batch_size=16"],
+    )
+    plan = expand(load_sweep(path))
+    assert len(plan.trials) == 6
+    datasets = [t.config["data"]["name"] for t in plan.trials]
+    assert datasets == ["synthetic", "synthetic", "avdigits", "avdigits", "synthetic", "synthetic"]
+    # each trial has its preset's own settings (avdigits: 30 epochs, midas70 split), then the overrides
+    assert [t.config["train"]["epochs"] for t in plan.trials] == [40, 40, 30, 30, 7, 7]
+    assert plan.trials[2].config["data"]["split"] == "midas70"
+    assert {t.config["train"]["batch_size"] for t in plan.trials} == {16}
+    assert plan.trials[4].assignment["base"].endswith("mine.yaml")  # resolved beside the sweep file
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
@@ -73,6 +93,8 @@ def test_expansion_grid_random_and_dry_run(tmp_path, capsys):
         ({"grid": {"method.name": ["joint"]}, "gird": {}}, "gird: unknown key"),
         ({"random": {"optimizer.lr": {"uniform": [1, 0.5]}}}, "low must be below high"),
         ({"random": {"optimizer.lr": {"normal": [0, 1]}}}, "normal: unknown key"),
+        ({"random": {"base": {"choice": ["synthetic"]}}}, "'base' may be a grid axis only"),
+        ({"grid": {"base": ["synthetic", "no-such-preset"]}}, r"trial 1 .*no-such-preset"),
     ],
 )
 def test_bad_sweep_files_fail_before_any_trial(tmp_path, capsys, fields, message):

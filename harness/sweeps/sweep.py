@@ -1,7 +1,8 @@
 """Sweeps: a sweep file → a validated list of trials → Ray Tune (Ray Train per multi-worker trial) → one
 MLflow child run per trial under one parent run.
 
-A sweep file names a base config (a preset or a YAML path) with overrides, and search axes over any
+A sweep file names a base config (a preset or a YAML path) with overrides, or a ``base`` grid axis of
+several (methods × datasets in one sweep, each dataset with its own preset), and search axes over any
 config key: ``grid`` (cartesian product; a value may be a whole section, e.g. ``method: [{name: joint},
 {name: midas, params: {lam: 5}}]``) and ``random`` distributions drawn with the sweep's own ``seed``
 (``num_samples`` draws per grid point). Trials are expanded and validated here, before Ray starts, so a
@@ -41,6 +42,7 @@ from midasbench.harness.params import describe_validation_error
 from midasbench.harness.tracking import IDENTITY_TAG
 
 SWEEP_TAG = "midasbench.sweep"
+BASE_AXIS = "base"  # a grid axis over base configs (presets): methods × datasets in one sweep
 TRIAL_TAG = IDENTITY_TAG
 STATE_FILE = "sweep_state.json"
 CHAOS_FILE = "chaos.json"
@@ -132,6 +134,10 @@ class SweepSpec(_Spec):
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid axis {key!r} is empty")
+        if BASE_AXIS in self.random:
+            raise ValueError(f"{BASE_AXIS!r} may be a grid axis only")
+        if not all(isinstance(b, str) for b in self.grid.get(BASE_AXIS, [])):
+            raise ValueError(f"grid axis {BASE_AXIS!r} lists presets or config paths (strings)")
         both = sorted(set(self.grid) & set(self.random))
         if both:
             raise ValueError(f"axes {both} are in both grid and random")
@@ -180,10 +186,18 @@ def load_sweep(path: str | Path) -> SweepSpec:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc)}") from None
-    base = Path(spec.base)
-    if not base.is_absolute() and (path.parent / base).is_file():  # a base config beside the sweep file
-        spec.base = str(path.parent / base)
+    spec.base = _beside(path, spec.base)
+    if BASE_AXIS in spec.grid:
+        spec.grid[BASE_AXIS] = [_beside(path, b) for b in spec.grid[BASE_AXIS]]
     return spec
+
+
+def _beside(sweep_file: Path, base: str) -> str:
+    """A base config path relative to the sweep file when such a file exists there; else as given
+    (a preset name or a path from the working directory)."""
+    if not Path(base).is_absolute() and (sweep_file.parent / base).is_file():
+        return str(sweep_file.parent / base)
+    return base
 
 
 def _override(key: str, value: Any) -> str:
@@ -200,10 +214,14 @@ def expand(spec: SweepSpec, source: str = "sweep") -> SweepPlan:
         for _ in range(spec.num_samples):
             assignment = dict(zip(grid_keys, point, strict=True))
             assignment.update({k: d.sample(rng) for k, d in spec.random.items()})
-            overrides = [*spec.overrides, *(_override(k, v) for k, v in assignment.items())]
+            base = assignment.get(BASE_AXIS, spec.base)
+            overrides = [
+                *spec.overrides,
+                *(_override(k, v) for k, v in assignment.items() if k != BASE_AXIS),
+            ]
             index = len(trials)
             try:
-                cfg = load_config(spec.base, overrides)
+                cfg = load_config(base, overrides)
             except ConfigError as exc:
                 raise ConfigError(f"{source}: trial {index} ({_short(assignment)}): {exc}") from None
             key = f"t-{cfg.fingerprint()}"  # from the config alone: stable when the sweep file grows
