@@ -1,12 +1,20 @@
 """Training methods, one file each, behind the ``Method`` interface and the ``METHODS`` registry."""
 
+from . import agm as _agm  # noqa: F401
+from . import amco as _amco  # noqa: F401
 from . import joint as _joint  # noqa: F401  (registration)
+from . import lemda as _lemda  # noqa: F401
+from . import lfm as _lfm  # noqa: F401
+from . import mcr as _mcr  # noqa: F401
 from . import midas as _midas  # noqa: F401
 from . import mixup as _mixup  # noqa: F401
+from . import mmpareto as _mmpareto  # noqa: F401
 from . import ogm as _ogm  # noqa: F401
 from . import ogm_ge as _ogm_ge  # noqa: F401
 from . import opm as _opm  # noqa: F401
+from . import pmr as _pmr  # noqa: F401
 from . import powmix as _powmix  # noqa: F401
+from . import smv as _smv  # noqa: F401
 from . import unimodal as _unimodal  # noqa: F401
 from .base import METHODS, Method, MethodContext, StepOutput, build_method, register_method
 

@@ -11,6 +11,14 @@ from typing import Any
 
 METHOD_CASES: dict[str, dict[str, Any]] = {
     "joint": {"unimodal_weight": 0.5},
+    "lemda": {"clip_scope": "all"},  # G trained adversarially from step 0; official joint clip
+    "mcr": {"num_samples": 4, "ceb_weight": 0.1},  # greedy game, NT-Xent and the optional L_CEB
+    "amco": {},  # feature_mask: dependence, the p_t ramp (30% of 3 epochs), masks, co-optimization
+    "lfm": {"schedule": "learnable"},  # late fusion, JSD, the per-epoch HVP update of α on held-out rows
+    "agm": {"modulation_starts": 1},  # epoch 0 unmodulated (σ̄ still updated), epochs 1-2 modulated
+    "mmpareto": {"gamma": 1.5},  # no window: probes, MinNorm/equal weights and the edit on every step
+    "smv": {"warmup_epochs": 1},  # valued after epoch 0: epochs 1-2 train on the re-sampled plan
+    "pmr": {"momentum": 0.5},  # prototypes before epoch 0 and after each; PCE from epoch 0
     "midas": {"warmup_epochs": 1},
     "midas-code": {"warmup_epochs": 1},
     "midas-paper": {"warmup_epochs": 1},
