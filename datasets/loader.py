@@ -74,8 +74,20 @@ class EpochPlan:
         return EpochPlan(self.rows[positions], None if self.tags is None else self.tags[positions])
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        n = len(self.rows)
-        return n // batch_size if drop_last else -(-n // batch_size)
+        return len(batch_bounds(len(self.rows), batch_size, drop_last))
+
+
+def batch_bounds(num_rows: int, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
+    """(start, stop) of each mini-batch. A trailing batch of a single row joins the one before it
+    (``batch_size + 1`` rows): BatchNorm cannot train on one row, and a plan whose length is 1 more than a
+    multiple of the batch size (re-sampling methods, odd splits) would otherwise fail its last step."""
+    starts = list(range(0, num_rows, batch_size))
+    bounds = [(s, min(s + batch_size, num_rows)) for s in starts]
+    if drop_last:
+        return [(a, b) for a, b in bounds if b - a == batch_size]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], num_rows)]
+    return bounds
 
 
 def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
@@ -154,9 +166,6 @@ class BatchLoader:
     def batches(self, rows: np.ndarray | EpochPlan) -> Iterator[Batch]:
         """Batches over an explicit, already-sharded row order or plan."""
         plan = rows if isinstance(rows, EpochPlan) else EpochPlan(rows)
-        for start in range(0, len(plan), self.batch_size):
-            chunk = plan.rows[start : start + self.batch_size]
-            if self.drop_last and len(chunk) < self.batch_size:
-                return
-            tags = None if plan.tags is None else plan.tags[start : start + self.batch_size]
-            yield gather_batch(self.split, chunk, tags)
+        for start, stop in batch_bounds(len(plan), self.batch_size, self.drop_last):
+            tags = None if plan.tags is None else plan.tags[start:stop]
+            yield gather_batch(self.split, plan.rows[start:stop], tags)

@@ -182,6 +182,26 @@ def test_batch_loader_order_is_a_function_of_seed_and_epoch_and_covers_the_split
     assert sorted(np.concatenate(ranks).tolist()) == list(range(20))
 
 
+def test_a_trailing_single_row_joins_the_batch_before_it(tmp_path):
+    from midasbench.datasets.loader import EpochPlan, batch_bounds
+
+    assert batch_bounds(9, 4) == [(0, 4), (4, 9)]  # 4 + 5, not 4 + 4 + 1
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(1, 4) == [(0, 1)]  # a one-row plan stays one batch
+    assert batch_bounds(9, 4, drop_last=True) == [(0, 4), (4, 8)]
+    assert EpochPlan(np.arange(9)).num_batches(4) == 2
+    write(tmp_path)
+    split = ArrowDataset(tmp_path / "toy").split("train")  # 20 rows
+    loader = BatchLoader(split, 19, shuffle=True, seed=3)
+    sizes = [len(b) for b in loader]
+    assert sizes == [20] and len(loader) == 1
+    tagged = EpochPlan(np.arange(13), np.arange(13) % 2)
+    batches = list(BatchLoader(split, 6, shuffle=False).batches(tagged))
+    assert [len(b) for b in batches] == [6, 7]  # 6 + 6 + 1 rows: the last row joins the second batch
+    pairs = [(i, t) for b in batches for i, t in zip(b.index.tolist(), b.tags.tolist(), strict=True)]
+    assert sorted(pairs) == [(i, i % 2) for i in range(13)]
+
+
 def test_gather_batch_returns_typed_tensors(tmp_path):
     _, splits = write(tmp_path)
     split = ArrowDataset(tmp_path / "toy").split("train")
