@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -109,14 +110,27 @@ def _first_line(text: str | None) -> str:
     return lines[0] if lines else ""
 
 
+SUMMARY_WIDTH = 100
+
+
+def _first_sentence(text: str | None, name: str) -> str:
+    """The first sentence of a docstring's first paragraph (wrapped lines joined), without a leading
+    ``name``: label, shortened at a word to ``SUMMARY_WIDTH`` characters."""
+    paragraph = " ".join((text or "").strip().split("\n\n", 1)[0].split())
+    paragraph = re.sub(rf"^``{re.escape(name)}``:\s*", "", paragraph)
+    sentence = re.split(r"(?<=[.)])\s(?=[A-Z`(])", paragraph, maxsplit=1)[0]
+    return textwrap.shorten(sentence, SUMMARY_WIDTH, placeholder=" …")
+
+
 def _method_summary(cls: type) -> str:
-    """The class's own docstring (else its module's) first line, then its parameters with defaults."""
+    """The class's own docstring (else its module's) first sentence, then its parameters with defaults."""
     doc = cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__
+    summary = _first_sentence(doc, getattr(cls, "name", ""))
     params = ", ".join(f"{name}={field.default!r}" for name, field in cls.Params.model_fields.items())
     if not params:
-        return _first_line(doc)
+        return summary
     wrapped = textwrap.fill(params, width=104, initial_indent="    params: ", subsequent_indent=" " * 12)
-    return f"{_first_line(doc)}\n{wrapped}"
+    return f"{summary}\n{wrapped}"
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -26,6 +26,10 @@ def test_help_and_list(capsys):
     for name, cls in METHODS.items():  # every method with its fidelity and its parameters' defaults
         assert f"{name}" in out and f"[{cls.fidelity}]" in out
     assert "[inferred] MIDAS with the official code's α rule" in out and "lam=1.0, eta=0.05" in out
+    # a module docstring's first sentence, wrapped lines joined, its ``name``: label dropped
+    assert "[official-code] on-the-fly gradient modulation + Gaussian enhancement (Peng, Wei" in out
+    assert "(Peng, Wei, Deng, Wang, Hu, CVPR 2022).\n" in out
+    assert all(len(line) <= 140 for line in out.splitlines())
     for what, expected in [
         ("datasets", "synthetic"),
         ("encoders", "resnet18"),

@@ -104,7 +104,7 @@ def test_an_epoch_plan_gives_every_rank_the_same_steps_and_keeps_tags_with_rows(
         for batch in batches:
             seen += list(zip(batch.index.tolist(), batch.tags.tolist(), strict=True))
             np.testing.assert_array_equal(batch.labels.numpy(), split.labels[batch.index.numpy()])
-    assert steps == [2, 2, 2]  # 7 rows padded to 9: three per rank
+    assert steps == [1, 1, 1]  # 7 rows padded to 9: three per rank, one batch (2 + a trailing 1 merge)
     # every (row, tag) pair of the plan arrives, the two copies of row 4 with their own tags
     assert set(seen) == set(zip(rows.tolist(), tags.tolist(), strict=True))
     assert len(seen) == 9 and seen.count((9, 0)) == 2  # the wrap-around pad repeats the first rows
