@@ -47,6 +47,7 @@ def test_a_run_logs_params_metrics_tags_and_artifacts(tiny_config, mlflow_uri, t
     ):
         assert tags.get(key), key
     assert tags["method.label"] == "joint" and tags["seed"] == "0"
+    assert tags["train.world_size"] == "1" and tags["train.batch_size_per_rank"] == str(cfg.train.batch_size)
     assert len(tags["dataset.content_sha256"]) == 64
     history = client.get_metric_history(result.run_id, "val/acc")
     assert [m.step for m in history] == [0, 1, 2]

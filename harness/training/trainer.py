@@ -336,6 +336,9 @@ class TrainingRun:
             "method.label": self.method.label,
             "method.fidelity": self.method.fidelity,
             "seed": str(t.seed),
+            # ranks and the per-rank batch: a DDP trial's statistics (BatchNorm, per-rank losses) differ
+            "train.world_size": str(self.runtime.world_size),
+            "train.batch_size_per_rank": str(t.batch_size),
             "config.fingerprint": self.fingerprint,
             **{f"version.{k}": v for k, v in package_versions().items()},
             **self.cfg.tracking.tags,
