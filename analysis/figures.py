@@ -149,32 +149,55 @@ def fig4_alpha(runs: pd.DataFrame, history: _History):
     return figure, "Fig. 4 — weak-modality weight α over training, mean ± std over seeds"
 
 
+def method_styles(methods: list[str]) -> dict[str, dict[str, str]]:
+    """A colour (and, past 20 methods, a line style) per method, stable across panels: matplotlib's
+    10-colour default cycle repeats colours once a sweep holds every baseline."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if len(methods) <= 10 else "tab20"].colors
+    styles = ["-", "--", ":", "-."]
+    return {
+        m: {"color": palette[k % len(palette)], "linestyle": styles[(k // len(palette)) % len(styles)]}
+        for k, m in enumerate(methods)
+    }
+
+
+def _legend_outside(figure, axes) -> None:
+    """One legend for the whole figure, right of the panels, so no curve or bar is hidden under it."""
+    handles, labels = [], []
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    columns = 1 if len(labels) <= 18 else 2
+    figure.legend(handles, labels, loc="outside right upper", fontsize="small", ncols=columns)
+
+
 def fig5_misaligned_confidence(runs: pd.DataFrame, history: _History):
+    """One panel per dataset and modality (the confidence in that modality's class), a line per method."""
     chosen, _ = default_midas(runs)
     keys = _keys(chosen, "val/mis_conf_")
     if not keys:
         return None, "no val/mis_conf_<m> histories"
-    datasets = _datasets(chosen)
-    figure, axes = _new_figure(len(datasets), height=3.3)
-    styles = ["-", "--", ":", "-."]
-    for ax, dataset in zip(axes, datasets, strict=False):
+    panels = []
+    for dataset in _datasets(chosen):
         subset = chosen[chosen["dataset"] == dataset]
-        logged = subset[[f"metrics.{k}" for k in keys]].notna().any(axis=1)
-        methods = _methods(subset[logged])
-        for k, method in enumerate(methods):
-            group = subset[subset["method"] == method]
-            for c, key in enumerate(keys):
-                h = history(group, key)
-                if not h.empty:
-                    modality = key[len("val/mis_conf_") :]
-                    _curve(
-                        ax, h, color=f"C{c}", linestyle=styles[k % len(styles)], label=f"{method}: {modality}"
-                    )
-        ax.set_title(dataset_title(dataset))
+        panels += [(dataset, key) for key in keys if subset[f"metrics.{key}"].notna().any()]
+    logged = chosen[chosen[[f"metrics.{k}" for k in keys]].notna().any(axis=1)]
+    style = method_styles(_methods(logged))  # the methods Fig. 6 shows, so colours agree between them
+    figure, axes = _new_figure(len(panels), height=3.3)
+    for ax, (dataset, key) in zip(axes, panels, strict=False):
+        subset = chosen[chosen["dataset"] == dataset]
+        for method in _methods(subset[subset[f"metrics.{key}"].notna()]):
+            h = history(subset[subset["method"] == method], key)
+            if not h.empty:
+                _curve(ax, h, label=method, **style[method])
+        ax.set_title(f"{dataset_title(dataset)}: {key[len('val/mis_conf_') :]}'s class")
         _epochs(ax)
         ax.set_ylabel("confidence on misaligned val pairs")
-        ax.legend(fontsize="small")
-    figure.suptitle("Fused-model confidence per modality\non misaligned validation pairs (Fig. 5/7)")
+    _legend_outside(figure, axes)
+    figure.suptitle("Fused-model confidence per modality on misaligned validation pairs (Fig. 5/7)")
     return (
         figure,
         "Fig. 5/7 — fused model's confidence in each modality's class on misaligned validation pairs",
@@ -189,7 +212,9 @@ def fig6_misaligned_top2(runs: pd.DataFrame, history: _History):
     stats = data.groupby(["dataset", "method"])["metrics.test/mis_top2"].agg(["mean", "std", "size"])
     datasets = _datasets(data)
     methods = _methods(data)
+    style = method_styles(methods)
     figure, axes = _new_figure(1, height=3.4)
+    figure.set_figwidth(max(4.4, 0.25 * len(methods) * len(datasets) + 3.0))  # room for every bar
     ax = axes[0]
     width = min(0.8 / len(methods), 0.3)
     x = np.arange(len(datasets))
@@ -201,12 +226,13 @@ def fig6_misaligned_top2(runs: pd.DataFrame, history: _History):
             means,
             width,
             yerr=np.nan_to_num(stds),
-            capsize=3,
+            capsize=2,
             label=method,
+            color=style[method]["color"],
         )
     ax.set_xticks(x, [dataset_title(d) for d in datasets])
     ax.set_ylabel("misaligned top-2 accuracy (%)")
-    ax.legend(fontsize="small")
+    _legend_outside(figure, [ax])
     figure.suptitle("Accuracy on misaligned test pairs (Fig. 6)")
     return figure, "Fig. 6 — misaligned top-2 test accuracy per method, mean ± std over seeds"
 

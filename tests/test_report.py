@@ -480,3 +480,14 @@ def test_reconstructed_and_inferred_fidelities_get_footnotes():
     assert len(reconstructed) == 1 and reconstructed[0].endswith(": amco, powmix.")
     assert len(inferred) == 1 and inferred[0].endswith(": mixup.")
     assert not any("joint" in n for n in notes if n.startswith("Fidelity"))
+
+
+def test_figure_styles_stay_distinct_for_every_baseline():
+    from midasbench.analysis.figures import method_styles
+
+    names = [f"m{k}" for k in range(25)]
+    styles = method_styles(names)
+    first20 = {(tuple(styles[n]["color"]), styles[n]["linestyle"]) for n in names[:20]}
+    assert len(first20) == 20  # 20 distinct colours (tab20) before any repeats
+    assert len({(tuple(s["color"]), s["linestyle"]) for s in styles.values()}) == 25  # then a new line style
+    assert len({tuple(s["color"]) for s in method_styles(names[:7]).values()}) == 7
