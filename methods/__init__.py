@@ -2,12 +2,17 @@
 
 from . import agm as _agm  # noqa: F401
 from . import amco as _amco  # noqa: F401
+from . import cml as _cml  # noqa: F401
+from . import dgl as _dgl  # noqa: F401
+from . import inforeg as _inforeg  # noqa: F401
 from . import joint as _joint  # noqa: F401  (registration)
 from . import lemda as _lemda  # noqa: F401
 from . import lfm as _lfm  # noqa: F401
+from . import mbsd as _mbsd  # noqa: F401
 from . import mcr as _mcr  # noqa: F401
 from . import midas as _midas  # noqa: F401
 from . import mixup as _mixup  # noqa: F401
+from . import mmcosine as _mmcosine  # noqa: F401
 from . import mmpareto as _mmpareto  # noqa: F401
 from . import ogm as _ogm  # noqa: F401
 from . import ogm_ge as _ogm_ge  # noqa: F401

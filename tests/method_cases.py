@@ -11,6 +11,11 @@ from typing import Any
 
 METHOD_CASES: dict[str, dict[str, Any]] = {
     "joint": {"unimodal_weight": 0.5},
+    "dgl": {"alpha": 4.0, "grad_clip": 1.0},  # detached fused CE + zero-padded unimodal CEs; clip active
+    "mmcosine": {"scale": 10.0},  # cosine logits in training and at evaluation
+    "mbsd": {},  # stateless, always on: fused + sliced CEs and both pairwise terms every step
+    "cml": {},  # official per-sample hinge, nested feature-zero removal, sum reduction (×W)
+    "inforeg": {"window_threshold": 0.9},  # epochs 0-1 open (k = 1), epoch 2 closed unless F_1 > 9 F_0
     "lemda": {"clip_scope": "all"},  # G trained adversarially from step 0; official joint clip
     "mcr": {"num_samples": 4, "ceb_weight": 0.1},  # greedy game, NT-Xent and the optional L_CEB
     "amco": {},  # feature_mask: dependence, the p_t ramp (30% of 3 epochs), masks, co-optimization
