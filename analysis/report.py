@@ -492,8 +492,8 @@ def _assemble(layout: _Layout, reference: str | None, allow_mixed: bool) -> tupl
 
 
 FIDELITY_NOTES = {
-    "reconstructed": "no public code exists; re-implemented from the paper's abstract and the spec, so these "
-    "numbers are ours, not the authors' method as they ran it",
+    "reconstructed": "no authors' code exists; re-implemented from the paper's abstract or a third-party "
+    "implementation and the spec, so these numbers are ours, not the authors' method as they ran it",
     "inferred": "the sources leave choices open; the spec's inferred reading is implemented, see the "
     "method's docstring",
 }
