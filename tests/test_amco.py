@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tests_support_models import IdentityEncoder as Identity
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -29,15 +30,6 @@ from midasbench.methods.amco import (
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=2, epochs=10, steps_per_epoch=4, seed=5)
 LOG_1_E1 = math.log(1 + math.exp(-1))  # CE of logits (1, 0) at label 0 = 0.31326169
 LOG_1_E2 = math.log(1 + math.exp(-2))  # CE of logits (2, 0) at label 0 = 0.12692801
-
-
-class Identity(torch.nn.Linear):
-    def __init__(self, d: int) -> None:
-        super().__init__(d, d)
-        self.out_dim = d
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(d))
-            self.bias.zero_()
 
 
 def model_ab(d_a: int = 2) -> MultimodalModel:

@@ -3,6 +3,7 @@ removal masks, the loss on a hand-set model (sum/mean, ×W under DDP, BB form), 
 
 import pytest
 import torch
+from tests_support_models import IdentityEncoder as Identity
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -72,15 +73,6 @@ def test_removal_zeroes_the_encoder_feature():
     features = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([[5.0], [6.0]])}
     out = removed_features(features, torch.tensor([[True, False], [False, True]]))
     assert out["a"].tolist() == [[1.0, 2.0], [0.0, 0.0]] and out["b"].tolist() == [[0.0], [6.0]]
-
-
-class Identity(torch.nn.Linear):
-    def __init__(self, d: int) -> None:
-        super().__init__(d, d)
-        self.out_dim = d
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(d))
-            self.bias.zero_()
 
 
 def symmetric_model() -> tuple[MultimodalModel, Batch]:

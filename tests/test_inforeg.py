@@ -4,6 +4,7 @@ state round trip, evaluation and requirements."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support_models import IdentityEncoder as Identity
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -19,15 +20,6 @@ from midasbench.methods.inforeg import (
 )
 
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=2, epochs=8, steps_per_epoch=2)
-
-
-class Identity(torch.nn.Linear):
-    def __init__(self, d: int) -> None:
-        super().__init__(d, d)
-        self.out_dim = d
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(d))
-            self.bias.zero_()
 
 
 def leading_a_model() -> MultimodalModel:

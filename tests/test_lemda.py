@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.models.fusion import ConcatFusion
@@ -26,12 +27,6 @@ from midasbench.methods.lemda import (
 )
 
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=3, epochs=2, steps_per_epoch=1, seed=3)
-
-
-class Linear(torch.nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def setup(**params) -> tuple[Lemda, MultimodalModel, Batch]:

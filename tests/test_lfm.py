@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests_support_models import IdentityEncoder as Identity
 
 from midasbench.datasets.loader import Batch, EpochPlan
 from midasbench.harness.errors import ConfigError
@@ -36,15 +37,6 @@ KL_P_M = 0.75 * math.log(0.75 / 0.625) + 0.25 * math.log(0.25 / 0.375)  # = 0.03
 KL_Q_M = 0.5 * math.log(0.5 / 0.625) + 0.5 * math.log(0.5 / 0.375)  # = 0.0322693
 CODE_JSD = 0.5 * (KL_M_P + KL_M_Q)  # = 0.0348412
 TEXTBOOK_JSD = 0.5 * (KL_P_M + KL_Q_M)  # = 0.0338221
-
-
-class Identity(torch.nn.Linear):
-    def __init__(self, d: int) -> None:
-        super().__init__(d, d)
-        self.out_dim = d
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(d))
-            self.bias.zero_()
 
 
 def identity_model(fusion: torch.nn.Module | None = None) -> MultimodalModel:

@@ -3,6 +3,7 @@ M = 3 pair average, the full loss on a hand-set model, evaluation and requiremen
 
 import pytest
 import torch
+from tests_support_models import IdentityEncoder as Identity
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -19,15 +20,6 @@ S_A, S_V, Y = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tens
 # w = 0.8807971 − 0.2689414 = 0.6118557; RS = ((2 − 0)² + (0 − 1)²)/2 = 2.5; w·RS = 1.5296391
 # K = pw (log pw − ps) = 0.2689414 (−1.3132617 − 0.8807971) = −0.5900733; w·K = −0.3610397
 W_RS, W_K = 1.5296391, -0.3610397
-
-
-class Identity(torch.nn.Linear):
-    def __init__(self, d: int) -> None:
-        super().__init__(d, d)
-        self.out_dim = d
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(d))
-            self.bias.zero_()
 
 
 def unit_model() -> MultimodalModel:

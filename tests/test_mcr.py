@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -24,12 +25,6 @@ from midasbench.methods.mcr import (
 )
 
 CONTEXT = MethodContext(modalities=("a", "v"), num_classes=3, epochs=2, steps_per_epoch=1, seed=3)
-
-
-class Linear(torch.nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def tiny(widths: tuple[int, int] = (3, 3)) -> tuple[MultimodalModel, Batch]:

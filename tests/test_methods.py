@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from method_cases import METHOD_CASES
+from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -15,12 +16,6 @@ from midasbench.methods import METHODS, Method, MethodContext, build_method
 
 MODALITIES = ("a", "b")
 CONTEXT = MethodContext(modalities=MODALITIES, num_classes=3, epochs=4, steps_per_epoch=2)
-
-
-class Linear(torch.nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def tiny_model() -> MultimodalModel:

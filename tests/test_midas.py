@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.models.fusion import ConcatFusion
@@ -198,12 +199,6 @@ def test_normalised_multimodal_confidence_uses_distinct_source_classes():
 
 
 # ------------------------------------------------------------------------------ the method, gradients
-
-
-class Linear(torch.nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def model_and_batch(num_modalities: int = 2):

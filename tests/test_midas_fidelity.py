@@ -9,6 +9,7 @@ All inputs are dyadic fractions so every ratio below is exact in float32.
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -194,12 +195,6 @@ def test_midas_code_dataset_switches_for_food101_and_kinetics():
 
 
 # ---------------------------------------------------------------------- the switch inside the method
-
-
-class Linear(torch.nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def tiny(names: tuple[str, ...] = ("a", "b"), seed: int = 0) -> tuple[MultimodalModel, Batch]:

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -22,12 +23,6 @@ from midasbench.methods.powmix import (
 )
 
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=2, epochs=1, steps_per_epoch=1, seed=3)
-
-
-class Linear(torch.nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def hand_model() -> MultimodalModel:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from tests_support_models import IdentityEncoder as Identity
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -17,15 +17,6 @@ from midasbench.methods import MethodContext, build_method
 from midasbench.methods.mmcosine import cosine_logits
 
 CONTEXT = MethodContext(modalities=("a", "v"), num_classes=2, epochs=3, steps_per_epoch=1)
-
-
-class Identity(nn.Linear):
-    def __init__(self, d: int) -> None:
-        super().__init__(d, d)
-        self.out_dim = d
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(d))
-            self.bias.zero_()
 
 
 def spec_model() -> MultimodalModel:

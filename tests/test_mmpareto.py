@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
@@ -27,12 +28,6 @@ from midasbench.methods.mmpareto import (
 )
 
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=3, epochs=4, steps_per_epoch=1, seed=0)
-
-
-class Linear(torch.nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def tiny_model() -> MultimodalModel:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from tests_support_models import LinearEncoder as Linear
 from torch import nn
 
 from midasbench.datasets.loader import Batch
@@ -38,12 +39,6 @@ class TinyConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-class Linear(nn.Linear):
-    def __init__(self, i: int, o: int) -> None:
-        super().__init__(i, o)
-        self.out_dim = o
 
 
 def conv_model() -> MultimodalModel:

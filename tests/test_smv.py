@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests_support_models import IdentityEncoder as Identity
 
 from midasbench.datasets.loader import Batch, EpochPlan
 from midasbench.harness.errors import ConfigError
@@ -26,15 +27,6 @@ from midasbench.methods.smv import (
 )
 
 CONTEXT = MethodContext(modalities=("a", "v"), num_classes=2, epochs=6, steps_per_epoch=1, seed=5)
-
-
-class Identity(torch.nn.Linear):
-    def __init__(self, d: int) -> None:
-        super().__init__(d, d)
-        self.out_dim = d
-        with torch.no_grad():
-            self.weight.copy_(torch.eye(d))
-            self.bias.zero_()
 
 
 def identity_model() -> MultimodalModel:

@@ -16,6 +16,18 @@ class LinearEncoder(torch.nn.Linear):
         self.out_dim = o
 
 
+class IdentityEncoder(torch.nn.Linear):
+    """A d → d encoder that starts as the identity (weight I, bias 0): features equal inputs, so the
+    tests' expected values can be computed by hand from the inputs."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__(d, d)
+        self.out_dim = d
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(d))
+            self.bias.zero_()
+
+
 def two_layer_model(num_classes: int = 2) -> MultimodalModel:
     torch.manual_seed(0)
     encoders = {"a": LinearEncoder(4, 3), "b": LinearEncoder(2, 3)}
