@@ -78,7 +78,16 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import (
+    Method,
+    MethodContext,
+    Requirements,
+    StepOutput,
+    check_window,
+    in_window,
+    register_method,
+    without_unimodal_heads,
+)
 
 PROB_FLOOR = 1e-8  # §29.2: σ_m = mean −log max(p_y, 1e-8) (CREMAD_main.py:130–143)
 Coalition = frozenset[str]
@@ -178,11 +187,6 @@ def running_mean(mean: torch.Tensor, value: torch.Tensor, t: int) -> torch.Tenso
     return mean * ((t - 1) / t) + value / t
 
 
-def in_window(epoch: int, starts: int, ends: int | None) -> bool:
-    """``starts ≤ epoch ≤ ends`` (inclusive, as the official test); ``ends=None`` runs to the end."""
-    return epoch >= starts and (ends is None or epoch <= ends)
-
-
 def coalition_outputs(
     model: MultimodalModel, inputs: dict[str, torch.Tensor], coalitions: Sequence[Coalition]
 ) -> dict[Coalition, torch.Tensor]:
@@ -220,8 +224,7 @@ class AGMParams(Params):
 
     @model_validator(mode="after")
     def _window(self) -> AGMParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError("modulation_ends must be ≥ modulation_starts (or null)")
+        check_window(self.modulation_starts, self.modulation_ends)
         return self
 
 
@@ -240,7 +243,7 @@ class AGM(Method):
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
         """Encoders and fusion head; the unimodal heads are not part of AGM's model."""
-        return (p for name, p in model.named_parameters() if not name.startswith("unimodal_heads."))
+        return without_unimodal_heads(model)
 
     def modulating(self, epoch: int) -> bool:
         return in_window(epoch, self.params.modulation_starts, self.params.modulation_ends)

@@ -87,7 +87,16 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import (
+    Method,
+    MethodContext,
+    Requirements,
+    StepOutput,
+    check_window,
+    in_window,
+    register_method,
+    without_unimodal_heads,
+)
 
 Variant = Literal["feature_mask", "bb_logit_mask"]
 LinearStarInit = Literal["bb", "identity"]
@@ -167,8 +176,7 @@ class AMCoParams(Params):
 
     @model_validator(mode="after")
     def _window(self) -> AMCoParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError("modulation_ends must be ≥ modulation_starts (or null)")
+        check_window(self.modulation_starts, self.modulation_ends)
         return self
 
 
@@ -207,13 +215,11 @@ class AMCo(Method):
         return {LINEAR_STAR: linear_star}
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        for name, param in model.named_parameters():
-            if not name.startswith("unimodal_heads."):  # not part of AMCo's model
-                yield param
+        return without_unimodal_heads(model)
 
     def modulating(self, epoch: int) -> bool:
         p = self.params
-        return epoch >= p.modulation_starts and (p.modulation_ends is None or epoch <= p.modulation_ends)
+        return in_window(epoch, p.modulation_starts, p.modulation_ends)
 
     def logits_from_features(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self.bb:

@@ -209,6 +209,30 @@ class Method(ABC):
             raise ValueError(f"method {self.name!r} keeps no state but the checkpoint has {sorted(state)}")
 
 
+# ---- small pieces several methods share
+
+
+def in_window(epoch: int, starts: int, ends: int | None) -> bool:
+    """``starts ≤ epoch ≤ ends`` (the official codes' inclusive test); ``ends=None`` runs to the end."""
+    return epoch >= starts and (ends is None or epoch <= ends)
+
+
+def check_window(starts: int, ends: int | None) -> None:
+    """A ``modulation_starts`` / ``modulation_ends`` pair's validity (for a Params validator)."""
+    if ends is not None and ends < starts:
+        raise ValueError("modulation_ends must be ≥ modulation_starts (or null)")
+
+
+def seeded_generator(seed: int, salt: int) -> torch.Generator:
+    """A CPU generator seeded identically on every rank from the run seed (spec methods-more §20.4)."""
+    return torch.Generator().manual_seed(1_000_003 * seed + salt)
+
+
+def without_unimodal_heads(model: MultimodalModel) -> Iterator[nn.Parameter]:
+    """Every parameter but the model's separate unimodal heads: for methods whose model has none."""
+    return (p for name, p in model.named_parameters() if not name.startswith("unimodal_heads."))
+
+
 METHODS: Registry[type[Method]] = Registry("method")
 
 

@@ -63,7 +63,7 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import Method, MethodContext, Requirements, StepOutput, register_method, without_unimodal_heads
 
 # --------------------------------------------------------------------------------------- functional core
 
@@ -143,9 +143,7 @@ class CML(Method):
         self.removed: int | None = None  # BB form: the epoch's removed modality (index)
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        for name, param in model.named_parameters():
-            if not name.startswith("unimodal_heads."):  # only fused logits are read
-                yield param
+        return without_unimodal_heads(model)
 
     def on_epoch_start(self, model: MultimodalModel, epoch: int) -> None:
         if self.params.form == "bb":  # one removed modality per epoch, a global choice (§25.3, R7)

@@ -72,7 +72,7 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import Method, MethodContext, Requirements, StepOutput, register_method, without_unimodal_heads
 
 FISHER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # [IR]: Conv2d and Linear weights
 
@@ -168,9 +168,7 @@ class InfoReg(Method):
         self.betas: list[float] = [0.0, 0.0]  # this step's β, set in training_step
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        for name, param in model.named_parameters():
-            if not name.startswith("unimodal_heads."):  # the unimodal losses use sliced logits
-                yield param
+        return without_unimodal_heads(model)
 
     # ---- the window (§33)
     def window_open(self, modality: str) -> bool:

@@ -57,7 +57,7 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, Requirements, StepOutput, register_method
+from .base import Method, Requirements, StepOutput, register_method, without_unimodal_heads
 
 # --------------------------------------------------------------------------------------- functional core
 
@@ -130,9 +130,7 @@ class MBSD(Method):
     requires = Requirements(min_modalities=2, decomposable_fusion=True)
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        for name, param in model.named_parameters():
-            if not name.startswith("unimodal_heads."):  # unimodal CEs use the sliced logits (§24.2)
-                yield param
+        return without_unimodal_heads(model)
 
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         features = model.encode(batch.inputs)

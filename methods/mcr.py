@@ -81,7 +81,7 @@ from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import Method, MethodContext, Requirements, StepOutput, register_method, seeded_generator
 
 Game = Literal["greedy", "ind", "colab"]
 CEB = "ceb"  # the L_CEB predictor's method-module name
@@ -170,11 +170,6 @@ class McrParams(Params):
     perturb_in_eval_mode: bool = Field(
         default=False, description="official: perturbed logits from an eval-mode re-encoding of the batch"
     )
-
-
-def seeded_generator(seed: int, salt: int) -> torch.Generator:
-    """A CPU generator seeded identically on every rank from the run seed (spec methods-more §20.4 R7)."""
-    return torch.Generator().manual_seed(1_000_003 * seed + salt)
 
 
 class CebPredictor(nn.Sequential):

@@ -48,7 +48,7 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, StepOutput, register_method
+from .base import Method, MethodContext, StepOutput, register_method, seeded_generator, without_unimodal_heads
 
 # --------------------------------------------------------------------------------------- functional core
 
@@ -115,11 +115,6 @@ class MixupParams(Params):
     per_sample_lambda: bool = Field(default=False, description="§11: one λ per row instead of per batch")
 
 
-def seeded_generator(seed: int, salt: int) -> torch.Generator:
-    """A CPU generator seeded identically on every rank from the run seed (spec methods-more §20.4)."""
-    return torch.Generator().manual_seed(1_000_003 * seed + salt)
-
-
 @register_method("mixup")
 class Mixup(Method):
     fidelity = "inferred"
@@ -132,7 +127,7 @@ class Mixup(Method):
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
         """Encoders and fusion head; the unimodal heads take no part in the loss."""
-        return (p for name, p in model.named_parameters() if not name.startswith("unimodal_heads."))
+        return without_unimodal_heads(model)
 
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         p = self.params

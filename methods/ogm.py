@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from .base import register_method
-from .ogm_ge import OgmGe, OgmGeParams, in_window
+from .base import in_window, register_method
+from .ogm_ge import OgmGe, OgmGeParams
 
 __all__ = ["Ogm", "OgmParams"]
 

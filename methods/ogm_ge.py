@@ -59,7 +59,16 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import (
+    Method,
+    MethodContext,
+    Requirements,
+    StepOutput,
+    check_window,
+    in_window,
+    register_method,
+    without_unimodal_heads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +135,6 @@ def modulated_parameters(encoder: nn.Module, mode: ModulatedTensors) -> Iterator
             yield param
 
 
-def in_window(epoch: int, starts: int, ends: int | None) -> bool:
-    """``starts ≤ epoch ≤ ends`` (the official inclusive test); ``ends=None`` runs to the end."""
-    return epoch >= starts and (ends is None or epoch <= ends)
-
-
 # --------------------------------------------------------------------------------------------- method
 
 
@@ -148,8 +152,7 @@ class OgmGeParams(Params):
 
     @model_validator(mode="after")
     def _window(self) -> OgmGeParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError("modulation_ends must be ≥ modulation_starts (or null)")
+        check_window(self.modulation_starts, self.modulation_ends)
         return self
 
 
@@ -175,9 +178,7 @@ class OgmGe(Method):
         return self.name if self.params.use_ge else f"{self.name}[no GE]"
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        for name, param in model.named_parameters():
-            if not name.startswith("unimodal_heads."):  # not part of OGM's model
-                yield param
+        return without_unimodal_heads(model)
 
     def modulating(self, epoch: int) -> bool:
         p = self.params

@@ -52,7 +52,7 @@ from midasbench.harness.models.fusion import ConcatFusion, SumFusion
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import Method, MethodContext, Requirements, StepOutput, register_method, without_unimodal_heads
 
 # --------------------------------------------------------------------------------------- functional core
 
@@ -159,9 +159,7 @@ class OPM(Method):
         self.generator = torch.Generator().manual_seed(7_919 * context.seed + 29)
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        for name, param in model.named_parameters():
-            if not name.startswith("unimodal_heads."):  # OPM trains encoders and the fusion head only
-                yield param
+        return without_unimodal_heads(model)
 
     def modulating(self, epoch: int) -> bool:
         p = self.params

@@ -64,7 +64,16 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import (
+    Method,
+    MethodContext,
+    Requirements,
+    StepOutput,
+    check_window,
+    in_window,
+    register_method,
+    without_unimodal_heads,
+)
 
 SUBSET_SALT = 0x93E  # seeds the prototype subset with (seed, pass)
 
@@ -130,11 +139,6 @@ def pmr_coefficients(scores: Sequence[float], alpha: float) -> list[float]:
     return [alpha if s < best else 0.0 for s in scores]
 
 
-def in_window(epoch: int, starts: int, ends: int | None) -> bool:
-    """``starts ≤ epoch ≤ ends`` (inclusive, as the official test); ``ends=None`` runs to the end."""
-    return epoch >= starts and (ends is None or epoch <= ends)
-
-
 # --------------------------------------------------------------------------------------------- method
 
 
@@ -156,8 +160,7 @@ class PMRParams(Params):
 
     @model_validator(mode="after")
     def _window(self) -> PMRParams:
-        if self.modulation_ends is not None and self.modulation_ends < self.modulation_starts:
-            raise ValueError("modulation_ends must be ≥ modulation_starts (or null)")
+        check_window(self.modulation_starts, self.modulation_ends)
         return self
 
 
@@ -173,7 +176,7 @@ class PMR(Method):
         self.valid: torch.Tensor | None = None  # (C,) bool: classes with a prototype
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        return (p for name, p in model.named_parameters() if not name.startswith("unimodal_heads."))
+        return without_unimodal_heads(model)
 
     def modulating(self, epoch: int) -> bool:
         return in_window(epoch, self.params.modulation_starts, self.params.modulation_ends)

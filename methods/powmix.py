@@ -56,8 +56,8 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, StepOutput, register_method
-from .mixup import sample_dirichlet, seeded_generator, soft_cross_entropy
+from .base import Method, MethodContext, StepOutput, register_method, seeded_generator, without_unimodal_heads
+from .mixup import sample_dirichlet, soft_cross_entropy
 
 # --------------------------------------------------------------------------------------- functional core
 
@@ -204,7 +204,7 @@ class PowMix(Method):
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
         """Encoders and fusion head; the unimodal heads take no part in the loss."""
-        return (p for name, p in model.named_parameters() if not name.startswith("unimodal_heads."))
+        return without_unimodal_heads(model)
 
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         labels = batch.labels

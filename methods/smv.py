@@ -79,7 +79,7 @@ from midasbench.datasets.loader import Batch, EpochPlan
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
-from .base import Method, MethodContext, Requirements, StepOutput, register_method
+from .base import Method, MethodContext, Requirements, StepOutput, register_method, without_unimodal_heads
 
 UNTAGGED = -1  # a plan row that is an original sample: no modality zeroed
 PLAN_SALT = 0x5A1  # seeds the plan's shuffle with (seed, epoch)
@@ -242,7 +242,7 @@ class SMV(Method):
         return self.name if self.params.level == "sample" else f"{self.name}[modality]"
 
     def trainable_parameters(self, model: MultimodalModel) -> Iterator[nn.Parameter]:
-        return (p for name, p in model.named_parameters() if not name.startswith("unimodal_heads."))
+        return without_unimodal_heads(model)
 
     # ---- the epoch: the plan from the last valuation, and the valuation itself
     def epoch_plan(self, epoch: int, default: EpochPlan) -> EpochPlan:
