@@ -43,13 +43,16 @@ class Batch:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The rows of one epoch in order (repeats allowed) and an optional int64 tag per row.
+    """The rows of one epoch in order (repeats allowed), an optional int64 tag per row, and optional
+    segments: the end offsets of consecutive runs of rows that no mini-batch may mix (e.g. Data
+    Remixing's single-modality subsets). Each segment is sharded and batched on its own.
 
     A method that re-samples returns its own plan from ``Method.epoch_plan``; the same plan must come
     out on every rank (derive it from seeds and rank-identical state only)."""
 
     rows: np.ndarray
     tags: np.ndarray | None = None
+    segments: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         rows = np.asarray(self.rows, dtype=np.int64)
@@ -61,20 +64,52 @@ class EpochPlan:
             if tags.shape != rows.shape:
                 raise ValueError(f"EpochPlan.tags has shape {tags.shape}, rows {rows.shape}: one tag a row")
             object.__setattr__(self, "tags", tags)
+        if self.segments is not None:
+            ends = np.asarray(self.segments, dtype=np.int64)
+            if ends.ndim != 1 or len(ends) == 0 or ends[-1] != len(rows) or np.any(np.diff(ends) < 0):
+                raise ValueError(
+                    f"EpochPlan.segments must be non-decreasing end offsets ending at {len(rows)} rows, "
+                    f"got {ends.tolist()}"
+                )
+            object.__setattr__(self, "segments", ends)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def segment_bounds(self) -> list[tuple[int, int]]:
+        """(start, stop) of each segment; the whole plan is one segment when none are given."""
+        if self.segments is None:
+            return [(0, len(self.rows))]
+        starts = [0, *self.segments[:-1].tolist()]
+        return [(a, b) for a, b in zip(starts, self.segments.tolist(), strict=True) if b > a]
+
     def shard(self, rank: int, world_size: int) -> EpochPlan:
-        """This rank's strided share, padded by wrapping so that every rank gets ceil(n / W) rows."""
+        """This rank's strided share of each segment, padded by wrapping so that every rank gets
+        ceil(n / W) rows of it."""
         if world_size == 1:
             return self
-        per_rank = -(-len(self.rows) // world_size)
-        positions = np.resize(np.arange(len(self.rows)), per_rank * world_size)[rank::world_size]
-        return EpochPlan(self.rows[positions], None if self.tags is None else self.tags[positions])
+        picks, ends = [], []
+        for start, stop in self.segment_bounds():
+            per_rank = -(-(stop - start) // world_size)
+            picks.append(start + np.resize(np.arange(stop - start), per_rank * world_size)[rank::world_size])
+            ends.append((ends[-1] if ends else 0) + per_rank)
+        positions = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+        return EpochPlan(
+            self.rows[positions],
+            None if self.tags is None else self.tags[positions],
+            None if self.segments is None else np.asarray(ends or [0]),
+        )
+
+    def batch_slices(self, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
+        """(start, stop) of each mini-batch, never across a segment boundary."""
+        return [
+            (start + a, start + b)
+            for start, stop in self.segment_bounds()
+            for a, b in batch_bounds(stop - start, batch_size, drop_last)
+        ]
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        return len(batch_bounds(len(self.rows), batch_size, drop_last))
+        return len(self.batch_slices(batch_size, drop_last))
 
 
 def batch_bounds(num_rows: int, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
@@ -166,6 +201,6 @@ class BatchLoader:
     def batches(self, rows: np.ndarray | EpochPlan) -> Iterator[Batch]:
         """Batches over an explicit, already-sharded row order or plan."""
         plan = rows if isinstance(rows, EpochPlan) else EpochPlan(rows)
-        for start, stop in batch_bounds(len(plan), self.batch_size, self.drop_last):
+        for start, stop in plan.batch_slices(self.batch_size, self.drop_last):
             tags = None if plan.tags is None else plan.tags[start:stop]
             yield gather_batch(self.split, plan.rows[start:stop], tags)

@@ -54,6 +54,11 @@ class ModelConfig(_Section):
         description="used for every modality not listed under encoders; null to require one per modality",
     )
     fusion: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="concat"))
+    kind: str | None = Field(
+        default=None,
+        description="registered model architecture (late_fusion, ...); null: the one the method needs, "
+        "else late_fusion",
+    )
 
 
 class OptimizerConfig(_Section):

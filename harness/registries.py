@@ -54,3 +54,4 @@ def resolve_component_params(cfg: RunConfig) -> None:
     _resolve(cfg.model.fusion, fusion.params, "model.fusion")
     # what the method needs of the head is known now; the modality count once the dataset is read
     method.requires.check(cfg.method.name, cfg.model.fusion.name, fusion.decomposable, None)
+    method.requires.resolve_model_kind(cfg.method.name, cfg.model.kind)

@@ -10,11 +10,15 @@ one file and no file of the trainer names a method. What a method may declare or
   train and eval, all-reduced, clipped and checkpointed (``last.pt`` and ``best.pt``) with it.
 * ``param_groups`` / ``optimizers`` — named parameter groups (own lr / weight decay), optionally for a
   second optimiser over its own modules; ``StepOutput.extra_losses`` gives each extra optimiser its loss.
-* ``training_step`` — the loss; ``after_backward`` — gradients are all-reduced, edit them here;
-  ``after_optimizer_step`` — state updates.
+* ``training_step`` — the loss; ``training_steps`` — several optimiser steps per batch (MLA);
+  ``after_backward`` — gradients are all-reduced, edit them here; ``after_optimizer_step`` — state updates.
 * ``epoch_plan`` — the epoch's rows and per-row tags, global and identical on every rank.
-* ``on_epoch_start`` / ``on_epoch_end`` — e.g. a pass over the training set (``runtime.encode_rows``).
-* ``logits_from_features`` / ``eval_modalities`` — the evaluated prediction (the one evaluation path).
+* ``on_epoch_start`` / ``on_epoch_end`` — e.g. a pass over the training set (``runtime.encode_rows``),
+  the method's own trainings (``runtime.train_batches``, ``runtime.new_optimizer``), or a phase
+  boundary (``runtime.reset_optimizer_state``).
+* ``logits_from_features`` / ``eval_modalities`` — the evaluated prediction (the one evaluation path);
+  ``coalition_logits`` — the prediction with some modalities left out (zeroed-feature diagnostics).
+* ``requires.model_kind`` — a registered model architecture the method needs (Greedy's MMTM).
 * ``state_dict`` / ``load_state_dict`` — everything kept across steps, so checkpoints resume it exactly.
 
 Correct under DDP by construction: the trainer all-reduces every gradient before ``after_backward`` and
@@ -27,7 +31,7 @@ every registered method.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 
 from midasbench.datasets.loader import Batch, EpochPlan
+from midasbench.harness.config import RunConfig
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
@@ -55,6 +60,7 @@ class MethodContext:
     steps_per_epoch: int
     seed: int = 0  # the run's init seed, for a method's own random draws
     runtime: Runtime = field(default_factory=Runtime)
+    config: RunConfig | None = None  # the validated run config (e.g. to derive a teacher run's config)
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,24 @@ class Requirements:
     min_modalities: int = 1
     max_modalities: int | None = None
     decomposable_fusion: bool = False
+    model_kind: str | None = None  # a registered model architecture (``model.kind``) the method needs
+
+    def resolve_model_kind(self, method: str, configured: str | None) -> str:
+        """The model kind to build: the configured one, else the method's, else late fusion; a
+        configured kind the method cannot use is a ``ConfigError`` naming both."""
+        from midasbench.harness.models.model import DEFAULT_MODEL_KIND, MODEL_KINDS
+
+        if configured is not None and self.model_kind is not None and configured != self.model_kind:
+            raise ConfigError(
+                f"model.kind: method {method!r} needs model kind {self.model_kind!r}, but the config "
+                f"sets {configured!r}; set model.kind={self.model_kind} or leave it null"
+            )
+        kind = configured or self.model_kind or DEFAULT_MODEL_KIND
+        if kind not in MODEL_KINDS.names():
+            raise ConfigError(
+                f"model.kind: unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS.names())}"
+            )
+        return kind
 
     def check(self, method: str, fusion: str, fusion_decomposable: bool, num_modalities: int | None) -> None:
         """Raise a ``ConfigError`` naming the method, the requirement and the config key it breaks."""
@@ -171,10 +195,29 @@ class Method(ABC):
         and the modality diagnostics (zeroed and misaligned features) all go through it."""
         return model.fuse(features)
 
+    def coalition_logits(
+        self, model: MultimodalModel, features: dict[str, torch.Tensor], kept: frozenset[str]
+    ) -> torch.Tensor:
+        """The prediction when only the modalities in ``kept`` take part, for the zeroed-feature
+        diagnostics and Shapley values: the others' features are zeroed after the encoder (App. A.4;
+        the head's bias remains). A method whose prediction is a gated sum of per-modality logits
+        (MLA) drops the modality from the sum instead, where a zero feature would mean nothing."""
+        return self.logits_from_features(
+            model, {m: (f if m in kept else torch.zeros_like(f)) for m, f in features.items()}
+        )
+
     # ---- the step
     @abstractmethod
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         """Forward pass and loss for one mini-batch (everything before ``loss.backward()``)."""
+
+    def training_steps(self, model: MultimodalModel, batch: Batch, epoch: int) -> Iterable[StepOutput]:
+        """The batch's optimiser sub-steps, in order: one ``training_step`` by default. A method that
+        takes several steps per batch (MLA's one per modality) yields one ``StepOutput`` per step; the
+        trainer runs backward, all-reduce, ``after_backward``, clip and the optimiser step for each
+        before asking for the next, so a generator's next forward sees the updated parameters. The
+        batch's logged ``loss`` is the sum over sub-steps; other log keys should be distinct per step."""
+        yield self.training_step(model, batch, epoch)
 
     def after_backward(self, model: MultimodalModel, epoch: int) -> None:
         """Gradients are populated and all-reduced across ranks; e.g. gradient modulation goes here

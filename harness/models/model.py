@@ -14,7 +14,7 @@ with the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -26,6 +26,7 @@ from midasbench.harness.config import ComponentConfig, ModelConfig
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.encoders import build_encoder
 from midasbench.harness.models.fusion import build_fusion
+from midasbench.harness.registry import Registry
 
 
 class MultimodalModel(nn.Module):
@@ -102,8 +103,32 @@ def encoder_config_for(model_cfg: ModelConfig, modality: str) -> ComponentConfig
     return model_cfg.default_encoder
 
 
-def build_model(model_cfg: ModelConfig, manifest: Manifest) -> MultimodalModel:
-    """Build encoders for the dataset's modalities (in manifest order) and the heads on top."""
+# (encoders by modality, fusion head, number of classes, model config) -> model
+ModelFactory = Callable[[dict[str, nn.Module], nn.Module, int, ModelConfig], MultimodalModel]
+MODEL_KINDS: Registry[ModelFactory] = Registry("model kind")
+DEFAULT_MODEL_KIND = "late_fusion"
+
+
+def register_model_kind(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """``@register_model_kind("mmtm")``: a model architecture a config (``model.kind``) or a method
+    (``Requirements.model_kind``) can ask for, built from the same encoders and fusion head."""
+    return MODEL_KINDS.register(name)
+
+
+@register_model_kind(DEFAULT_MODEL_KIND)
+def _late_fusion(
+    encoders: dict[str, nn.Module], fusion: nn.Module, num_classes: int, model_cfg: ModelConfig
+) -> MultimodalModel:
+    """Independent encoders, features fused by the head after the last layer (MIDAS §3.1)."""
+    return MultimodalModel(encoders, fusion, num_classes)
+
+
+def build_model(
+    model_cfg: ModelConfig, manifest: Manifest, kind: str = DEFAULT_MODEL_KIND
+) -> MultimodalModel:
+    """Build encoders for the dataset's modalities (in manifest order), the heads on top, and the model
+    of the registered ``kind`` around them."""
+    factory = MODEL_KINDS.get(kind)
     unknown = sorted(set(model_cfg.encoders) - set(manifest.modalities))
     if unknown:
         raise ConfigError(
@@ -122,4 +147,4 @@ def build_model(model_cfg: ModelConfig, manifest: Manifest) -> MultimodalModel:
         manifest.num_classes,
         model_cfg.fusion.params,
     )
-    return MultimodalModel(encoders, fusion, manifest.num_classes)
+    return factory(encoders, fusion, manifest.num_classes, model_cfg)

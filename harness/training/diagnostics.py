@@ -28,6 +28,18 @@ import torch
 from torch import Tensor
 
 Fuse = Callable[[dict[str, Tensor]], Tensor]
+# (features, modalities kept) -> logits with only those modalities taking part
+Coalition = Callable[[dict[str, Tensor], frozenset[str]], Tensor]
+
+
+def zeroing_coalition(fuse: Fuse) -> Coalition:
+    """The default coalition: the features outside it are zeroed after the encoder (App. A.4)."""
+
+    def coalition(features: dict[str, Tensor], kept: frozenset[str]) -> Tensor:
+        return fuse({m: (f if m in kept else torch.zeros_like(f)) for m, f in features.items()})
+
+    return coalition
+
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_./-]+")
 
@@ -167,7 +179,11 @@ def misaligned_confidences(probs: Tensor, source_labels: dict[str, Tensor]) -> d
 
 
 def zeroed_feature_accuracies(
-    model_fuse: Fuse, features: dict[str, Tensor], labels: Tensor, batch_size: int = 4096
+    model_fuse: Fuse,
+    features: dict[str, Tensor],
+    labels: Tensor,
+    batch_size: int = 4096,
+    coalition: Coalition | None = None,
 ) -> dict[frozenset[str], float]:
     """``v(S)`` = accuracy of the fused head with the features outside ``S`` zeroed, for every ``S``.
 
@@ -175,15 +191,21 @@ def zeroed_feature_accuracies(
     *after* the encoder (the head's bias remains; code ``exec_drop``), and calls it Shapley value-based
     modality valuation; with all ``2^M`` coalitions (``∅`` and the full set included) the exact Shapley
     values follow (``shapley_values``). Costs ``2^M`` passes of the head: use it for ``M <= 3`` and
-    ``kept_alone_accuracies`` beyond.
+    ``kept_alone_accuracies`` beyond. ``coalition`` replaces the zeroing (``Method.coalition_logits``).
     """
     names = list(features)
     subsets = [frozenset(c) for r in range(len(names) + 1) for c in itertools.combinations(names, r)]
-    return _coalition_accuracies(model_fuse, features, labels, subsets, batch_size)
+    return _coalition_accuracies(
+        coalition or zeroing_coalition(model_fuse), features, labels, subsets, batch_size
+    )
 
 
 def kept_alone_accuracies(
-    model_fuse: Fuse, features: dict[str, Tensor], labels: Tensor, batch_size: int = 4096
+    model_fuse: Fuse,
+    features: dict[str, Tensor],
+    labels: Tensor,
+    batch_size: int = 4096,
+    coalition: Coalition | None = None,
 ) -> dict[frozenset[str], float]:
     """``v(S)`` for ``S = ∅``, each single modality and the full set only (``M + 2`` head passes).
 
@@ -191,8 +213,10 @@ def kept_alone_accuracies(
     coalitions of exact Shapley values cost too much, but these ablations stay cheap.
     """
     names = list(features)
-    subsets = [frozenset(), *(frozenset([m]) for m in names), frozenset(names)]
-    return _coalition_accuracies(model_fuse, features, labels, list(dict.fromkeys(subsets)), batch_size)
+    subsets = list(dict.fromkeys([frozenset(), *(frozenset([m]) for m in names), frozenset(names)]))
+    return _coalition_accuracies(
+        coalition or zeroing_coalition(model_fuse), features, labels, subsets, batch_size
+    )
 
 
 def shapley_values(value: dict[frozenset[str], float], modalities: list[str]) -> dict[str, float]:
@@ -239,6 +263,7 @@ def modality_diagnostics(
     num_classes: int,
     pairing_seed: int,
     batch_size: int = 4096,
+    coalition: Coalition | None = None,
 ) -> dict[str, float]:
     """All modality-usage diagnostics of one split, as flat MLflow-safe metric names.
 
@@ -295,9 +320,9 @@ def modality_diagnostics(
 
     # Zeroed features after the encoder.
     if len(names) <= 3:
-        value = zeroed_feature_accuracies(fuse, features, labels, batch_size)
+        value = zeroed_feature_accuracies(fuse, features, labels, batch_size, coalition)
     else:
-        value = kept_alone_accuracies(fuse, features, labels, batch_size)
+        value = kept_alone_accuracies(fuse, features, labels, batch_size, coalition)
     for m in names:
         out[f"zeroed_acc_{m}"] = value[frozenset([m])]
     out["zeroed_acc_none"] = value[frozenset()]
@@ -340,7 +365,7 @@ def _fused_logits(
 
 
 def _coalition_accuracies(
-    fuse: Fuse,
+    coalition: Coalition,
     features: dict[str, Tensor],
     labels: Tensor,
     subsets: list[frozenset[str]],
@@ -355,7 +380,6 @@ def _coalition_accuracies(
             chunk = {m: f[sl] for m, f in features.items()}
             y = labels[sl].long()
             for s in subsets:
-                kept = {m: (f if m in s else torch.zeros_like(f)) for m, f in chunk.items()}
-                pred = fuse(kept).argmax(dim=1)
+                pred = coalition(chunk, s).argmax(dim=1)
                 correct[s] += int((pred == y.to(pred.device)).sum())
     return {s: correct[s] / n for s in subsets}

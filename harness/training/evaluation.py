@@ -90,6 +90,9 @@ def evaluate(
         def head(f: dict[str, torch.Tensor]) -> torch.Tensor:
             return method.logits_from_features(model, f).float()
 
+        def coalition(f: dict[str, torch.Tensor], kept: frozenset[str]) -> torch.Tensor:
+            return method.coalition_logits(model, f, kept).float()
+
         if len(labels):
             logits = torch.cat(
                 [
@@ -104,7 +107,9 @@ def evaluate(
         out["loss"] = loss
         if diagnostics_seed is not None and len(modalities) == len(model.modalities) > 1:
             out.update(
-                modality_diagnostics(head, features, labels, model.num_classes, diagnostics_seed, batch_size)
+                modality_diagnostics(
+                    head, features, labels, model.num_classes, diagnostics_seed, batch_size, coalition
+                )
             )
         return out
     finally:

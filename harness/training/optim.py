@@ -60,6 +60,11 @@ def _make(
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
+def make_optimizer(spec: OptimizerSpec | OptimizerConfig, groups: list) -> torch.optim.Optimizer:
+    """An optimiser of ``spec``'s kind and settings over ``groups`` (parameters or group dicts)."""
+    return _make(spec.name, groups, spec.lr, spec.momentum, spec.weight_decay)
+
+
 def _group_dict(group: ParamGroup) -> dict:
     out: dict = {"params": [p for p in group.params if p.requires_grad], "name": group.name}
     if group.lr is not None:

@@ -9,8 +9,9 @@ same shape: methods call them unconditionally, whatever their local batch held.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,12 +20,15 @@ import torch.distributed as dist
 
 if TYPE_CHECKING:
     from midasbench.datasets.format import SplitData
+    from midasbench.datasets.loader import Batch
     from midasbench.harness.models.model import MultimodalModel
 
 # (model, split, rows, modalities) -> (features per modality, labels): the evaluation's encoder pass
 EncodeFn = Callable[
     ["MultimodalModel", "SplitData", np.ndarray, list[str]], tuple[dict[str, torch.Tensor], torch.Tensor]
 ]
+# parameter groups (dicts or a list of parameters) -> an optimiser of the run's configured kind and settings
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 
 def distributed_rank_and_size() -> tuple[int, int]:
@@ -42,9 +46,13 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     train_split: SplitData | None = None
+    val_split: SplitData | None = None
+    batch_size: int = 64  # the per-rank training batch size
     eval_batch_size: int = 512
     encode_fn: EncodeFn | None = None
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
+    optimizer_factory: OptimizerFactory | None = None
+    checkpoint_dir: Path | None = None  # the run's checkpoint folder (a method's own files go under it)
 
     @property
     def distributed(self) -> bool:
@@ -121,9 +129,44 @@ class Runtime:
         gathered = {m: self.all_gather(f)[inverse][: len(rows)] for m, f in features.items()}
         return gathered, self.all_gather(labels)[inverse][: len(rows)]
 
+    def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
+        """This rank's mini-batches of one shuffled pass over the training split, on the device, in an
+        order that is a function of ``(seed, epoch)``: for a method's own trainings (G-Blending's probes).
+        Every rank runs the same number of batches (the plan is sharded as the trainer's is)."""
+        from midasbench.datasets.loader import BatchLoader
+
+        if self.train_split is None:
+            raise RuntimeError("train_batches needs a runtime bound to a run (its train split)")
+        loader = BatchLoader(
+            self.train_split,
+            self.batch_size,
+            shuffle=True,
+            seed=seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        loader.set_epoch(epoch)
+        for batch in loader:
+            yield batch.to(self.device, non_blocking=True)
+
     # ---- optimisers
     def param_groups(self, optimizer: str = "main") -> list[dict[str, Any]]:
         """The parameter groups of one of the run's optimisers (read their lr; do not replace them)."""
-        if optimizer not in self.optimizers:
-            raise KeyError(f"no optimizer {optimizer!r}; the run has {sorted(self.optimizers)}")
-        return self.optimizers[optimizer].param_groups
+        return self._optimizer(optimizer).param_groups
+
+    def reset_optimizer_state(self, optimizer: str = "main") -> None:
+        """Forget an optimiser's per-parameter state (momentum, Adam moments) but keep its groups and their
+        current lr: what re-creating the optimiser at a phase boundary does (ReconBoost, §28.2)."""
+        self._optimizer(optimizer).state.clear()
+
+    def new_optimizer(self, groups: Any) -> torch.optim.Optimizer:
+        """A fresh optimiser of the run's configured kind and settings (``optimizer:``) over ``groups``,
+        for a method's own trainings; the trainer neither steps nor checkpoints it."""
+        if self.optimizer_factory is None:
+            raise RuntimeError("new_optimizer needs a runtime bound to a run (its optimizer config)")
+        return self.optimizer_factory(groups)
+
+    def _optimizer(self, name: str) -> torch.optim.Optimizer:
+        if name not in self.optimizers:
+            raise KeyError(f"no optimizer {name!r}; the run has {sorted(self.optimizers)}")
+        return self.optimizers[name]

@@ -53,9 +53,9 @@ from midasbench.harness.training.distributed import (
     sync_normalization_stats,
 )
 from midasbench.harness.training.evaluation import encode_rows, evaluate
-from midasbench.harness.training.optim import Optimizers, build_optimizers, build_scheduler
+from midasbench.harness.training.optim import Optimizers, build_optimizers, build_scheduler, make_optimizer
 from midasbench.harness.training.runtime import Runtime, distributed_rank_and_size
-from midasbench.methods import METHODS, Method, MethodContext, build_method
+from midasbench.methods import METHODS, Method, MethodContext, StepOutput, build_method
 
 EpochCallback = Callable[[int, dict[str, float], Path], None]
 
@@ -173,14 +173,19 @@ class TrainingRun:
             rank=rank,
             world_size=world_size,
             train_split=self.train_split,
+            val_split=self.val_split,
+            batch_size=t.batch_size,
             eval_batch_size=t.eval_batch_size,
             encode_fn=lambda model, split, rows, names: encode_rows(
                 model, split, rows, names, t.eval_batch_size, device
             ),
+            optimizer_factory=lambda groups: make_optimizer(cfg.optimizer, groups),
+            checkpoint_dir=self.checkpoints.directory,
         )
 
         ckpt.seed_everything(t.seed)
-        model = build_model(cfg.model, manifest)
+        kind = METHODS.get(cfg.method.name).requires.resolve_model_kind(cfg.method.name, cfg.model.kind)
+        model = build_model(cfg.model, manifest, kind)
         self.loader = BatchLoader(
             self.train_split, t.batch_size, shuffle=True, seed=t.seed, rank=rank, world_size=world_size
         )
@@ -191,6 +196,7 @@ class TrainingRun:
             steps_per_epoch=len(self.loader),
             seed=t.seed,
             runtime=self.runtime,
+            config=cfg,
         )
         self.method: Method = build_method(cfg.method.name, cfg.method.params, context)
         model.attach_method_modules(self.method.build_modules(model))  # before .to() and the optimisers
@@ -246,7 +252,16 @@ class TrainingRun:
         return metrics
 
     def _step(self, batch: Any, epoch: int) -> dict[str, float]:
-        out = self.method.training_step(self.model, batch, epoch)
+        """One batch: each of the method's sub-steps (one, unless it alternates) is an optimiser step."""
+        logs: dict[str, float] = {}
+        loss = 0.0
+        for out in self.method.training_steps(self.model, batch, epoch):
+            sub = self._optimizer_step(out, epoch)
+            loss += sub.pop("loss")
+            logs.update(sub)
+        return {"loss": loss, **logs}
+
+    def _optimizer_step(self, out: StepOutput, epoch: int) -> dict[str, float]:
         self.optimizers.zero_grad()
         extra = list(out.extra_losses.items())
         main_params = self.optimizers.params["main"]
