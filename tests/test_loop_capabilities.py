@@ -106,6 +106,9 @@ def test_train_batches_are_a_seeded_sharded_pass_over_the_training_split(tiny_co
     assert first == again and first != other
     assert sorted(i for b in first for i in b) == list(range(len(run.train_split)))
     assert all(len(b) in (32, len(run.train_split) % 32) for b in first)
+    carve = np.array([5, 3, 9, 40, 41])
+    subset = [i for b in run.runtime.train_batches(epoch=0, seed=7, rows=carve) for i in b.index.tolist()]
+    assert sorted(subset) == sorted(carve.tolist())
 
 
 def test_segments_are_sharded_and_batched_on_their_own(tiny_config):
