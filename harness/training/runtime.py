@@ -129,25 +129,29 @@ class Runtime:
         gathered = {m: self.all_gather(f)[inverse][: len(rows)] for m, f in features.items()}
         return gathered, self.all_gather(labels)[inverse][: len(rows)]
 
-    def train_batches(self, epoch: int, seed: int) -> Iterator[Batch]:
-        """This rank's mini-batches of one shuffled pass over the training split, on the device, in an
-        order that is a function of ``(seed, epoch)``: for a method's own trainings (G-Blending's probes).
-        Every rank runs the same number of batches (the plan is sharded as the trainer's is)."""
-        from midasbench.datasets.loader import BatchLoader
+    def train_batches(self, epoch: int, seed: int, rows: np.ndarray | None = None) -> Iterator[Batch]:
+        """This rank's mini-batches of one shuffled pass over the training split (or over its ``rows``),
+        on the device, in an order that is a function of ``(seed, epoch)``: for a method's own trainings
+        (G-Blending's probes). Every rank runs the same number of batches (sharded as the trainer's are);
+        average the gradients with ``average_gradients`` before stepping."""
+        from midasbench.datasets.loader import BatchLoader, EpochPlan, epoch_permutation
 
         if self.train_split is None:
             raise RuntimeError("train_batches needs a runtime bound to a run (its train split)")
+        pool = np.arange(len(self.train_split)) if rows is None else np.asarray(rows, dtype=np.int64)
+        plan = EpochPlan(pool[epoch_permutation(len(pool), seed, epoch)])
         loader = BatchLoader(
-            self.train_split,
-            self.batch_size,
-            shuffle=True,
-            seed=seed,
-            rank=self.rank,
-            world_size=self.world_size,
+            self.train_split, self.batch_size, shuffle=False, rank=self.rank, world_size=self.world_size
         )
-        loader.set_epoch(epoch)
-        for batch in loader:
+        for batch in loader.plan_batches(plan):
             yield batch.to(self.device, non_blocking=True)
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Average ``params``' gradients over ranks (missing ones count as zeros), as the trainer does for
+        its own step: for a method's own trainings, so its copies stay identical on every rank."""
+        from midasbench.harness.training.distributed import all_reduce_gradients
+
+        all_reduce_gradients(params, self)
 
     # ---- optimisers
     def param_groups(self, optimizer: str = "main") -> list[dict[str, Any]]:
