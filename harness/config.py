@@ -56,8 +56,11 @@ class ModelConfig(_Section):
     fusion: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="concat"))
     kind: str | None = Field(
         default=None,
-        description="registered model architecture (late_fusion, ...); null: the one the method needs, "
+        description="registered model architecture (late_fusion, mmtm); null: the one the method needs, "
         "else late_fusion",
+    )
+    kind_params: dict[str, Any] = Field(
+        default_factory=dict, description="settings of the model kind (e.g. mmtm: stages, ratio, gate_scale)"
     )
 
 

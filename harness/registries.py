@@ -26,6 +26,7 @@ def resolve_component_params(cfg: RunConfig) -> None:
     """Check every named entry exists and fill its params with validated values and defaults."""
     from midasbench.harness.models.encoders import ENCODERS
     from midasbench.harness.models.fusion import FUSIONS
+    from midasbench.harness.models.model import MODEL_KINDS
     from midasbench.methods import METHODS
 
     try:
@@ -54,4 +55,5 @@ def resolve_component_params(cfg: RunConfig) -> None:
     _resolve(cfg.model.fusion, fusion.params, "model.fusion")
     # what the method needs of the head is known now; the modality count once the dataset is read
     method.requires.check(cfg.method.name, cfg.model.fusion.name, fusion.decomposable, None)
-    method.requires.resolve_model_kind(cfg.method.name, cfg.model.kind)
+    kind = MODEL_KINDS.get(method.requires.resolve_model_kind(cfg.method.name, cfg.model.kind))
+    parse_params(kind.params, cfg.model.kind_params, "model.kind_params")

@@ -11,6 +11,11 @@ from typing import Any
 
 METHOD_CASES: dict[str, dict[str, Any]] = {
     "joint": {"unimodal_weight": 0.5},
+    "mla": {},  # code_v1 projection from the second sub-step, per-sample gate; alternation every batch
+    # probes of one epoch at epochs 0 and 2 (online, S = 2): the two-rank resume re-estimates after loading
+    "gblending": {"probe_epochs": 1, "mode": "online", "super_epoch": 2},
+    "relearning": {"reinit_every": 1},  # after epoch 1 (start of 2): train/val KMeans, α, encoder blend
+    "greedy": {"curation_starts": 1},  # epoch 0 accumulates d on the MMTM model; epochs 1-2 may curate
     "dgl": {"alpha": 4.0, "grad_clip": 1.0},  # detached fused CE + zero-padded unimodal CEs; clip active
     "mmcosine": {"scale": 10.0},  # cosine logits in training and at evaluation
     "mbsd": {},  # stateless, always on: fused + sliced CEs and both pairwise terms every step

@@ -9,9 +9,11 @@ from method_cases import METHOD_CASES
 from tests_support_models import LinearEncoder as Linear
 
 from midasbench.datasets.loader import Batch
+from midasbench.harness.config import ModelConfig
 from midasbench.harness.errors import ConfigError
+from midasbench.harness.models.encoders import build_encoder
 from midasbench.harness.models.fusion import ConcatFusion
-from midasbench.harness.models.model import MultimodalModel
+from midasbench.harness.models.model import MODEL_KINDS, MultimodalModel
 from midasbench.methods import METHODS, Method, MethodContext, build_method
 
 MODALITIES = ("a", "b")
@@ -38,9 +40,20 @@ def eval_logits(method: Method, model: MultimodalModel, batch: Batch) -> torch.T
     return method.logits_from_features(model, model.encode(batch.inputs, method.eval_modalities(model)))
 
 
+def tiny_model_of_kind(kind: str) -> MultimodalModel:
+    """The tiny model's shapes as a registered model kind, with ``mlp`` encoders (they have stages)."""
+    torch.manual_seed(0)
+    mlp = {"hidden": [], "out_dim": 3}
+    encoders = {m: build_encoder("mlp", (d,), "float32", mlp) for m, d in (("a", 4), ("b", 2))}
+    entry = MODEL_KINDS.get(kind)
+    return entry.factory(encoders, ConcatFusion({"a": 3, "b": 3}, 3), 3, ModelConfig(), entry.params())
+
+
 def prepared(name: str) -> tuple[Method, MultimodalModel]:
-    """A method and a tiny model with the method's own modules attached (as the trainer does)."""
-    model = tiny_model()
+    """A method and a tiny model (of the kind it needs) with its own modules attached, as the trainer
+    builds them."""
+    kind = METHODS.get(name).requires.model_kind
+    model = tiny_model() if kind is None else tiny_model_of_kind(kind)
     method = build_method(name, METHOD_CASES[name], CONTEXT)
     model.attach_method_modules(method.build_modules(model))
     return method, model

@@ -2,7 +2,8 @@
 
 A factory takes the per-sample input shape and dtype of its modality (from the dataset manifest) and its
 validated ``Params``, and returns an ``nn.Module`` mapping a batch ``(B, *input_shape)`` to features
-``(B, out_dim)``; the module exposes ``out_dim`` so fusion heads can be sized without a dry run.
+``(B, out_dim)``; the module exposes ``out_dim`` so fusion heads can be sized without a dry run. Encoders a
+mid-fusion model can run stage by stage (``mlp``, ``resnet18``) also expose ``stages()`` (``EncoderStages``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +68,29 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+@dataclass(frozen=True)
+class EncoderStages:
+    """An encoder cut into the stages a mid-fusion model (``model.kind: mmtm``) works between.
+
+    ``prepare`` turns the raw batch ``(B, *input_shape)`` into the first stage's input; stage ``k`` maps a
+    tensor ``(B·T, C, *spatial)`` to one with ``channels[k]`` channels in the same layout (T frames per
+    sample folded into the batch, sample-major: T = 1 except for video; no spatial axes for an MLP);
+    ``finish(h, B)`` pools the last stage's output into the features ``(B, out_dim)``. Running
+    ``prepare``, every stage and ``finish`` in order is ``forward`` bit for bit.
+    """
+
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    modules: tuple[Callable[[torch.Tensor], torch.Tensor], ...]
+    channels: tuple[int, ...]
+    finish: Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def encoder_stages(encoder: nn.Module) -> EncoderStages | None:
+    """The encoder's stages, or None for an encoder without the stage interface (a ``stages()`` method)."""
+    stages = getattr(encoder, "stages", None)
+    return stages() if callable(stages) else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # mlp
 # ---------------------------------------------------------------------------------------------------------
@@ -107,6 +132,28 @@ class MLPEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _to_float(x, _param_dtype(self))
         return self.net(x.flatten(start_dim=1))
+
+    def stages(self) -> EncoderStages:
+        """One stage per ``Linear → act (→ dropout)`` block (hidden layers, then the output layer); the
+        input BatchNorm, if any, is part of ``prepare``."""
+        layers = list(self.net)
+        norm = layers.pop(0) if isinstance(layers[0], nn.BatchNorm1d) else None
+        blocks: list[list[nn.Module]] = []
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                blocks.append([])
+            blocks[-1].append(layer)
+
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            x = _to_float(x, _param_dtype(self)).flatten(start_dim=1)
+            return norm(x) if norm is not None else x
+
+        return EncoderStages(
+            prepare=prepare,
+            modules=tuple(nn.Sequential(*block) for block in blocks),
+            channels=tuple(int(block[0].out_features) for block in blocks),
+            finish=lambda h, batch_size: h,
+        )
 
 
 @register_encoder("mlp", params=MLPParams, description="Flatten + MLP for tabular / pre-extracted features.")
@@ -171,6 +218,35 @@ class ResNet18Encoder(nn.Module):
         frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         feats = self._trunk(frames)
         feats = feats.reshape(b, t, *feats.shape[1:]).permute(0, 2, 1, 3, 4)
+        return F.adaptive_avg_pool3d(feats, 1).flatten(1)
+
+    def stages(self) -> EncoderStages:
+        """Four stages: stem + ``layer1`` (64 channels), ``layer2`` (128), ``layer3`` (256), ``layer4``
+        (512); video frames go through the 2-D trunk folded into the batch, as in ``forward``."""
+        return EncoderStages(
+            prepare=self._stage_input,
+            modules=(self._stem_and_layer1, self.layer2, self.layer3, self.layer4),
+            channels=(64, 128, 256, 512),
+            finish=self._stage_output,
+        )
+
+    def _stage_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = _to_float(x, _param_dtype(self))
+        if self.add_channel_axis:
+            x = x.unsqueeze(1)
+        if not self.video:
+            return x
+        b, c, t, h, w = x.shape
+        return x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+    def _stem_and_layer1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+    def _stage_output(self, feats: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if not self.video:
+            return F.adaptive_avg_pool2d(feats, 1).flatten(1)
+        t = feats.shape[0] // batch_size
+        feats = feats.reshape(batch_size, t, *feats.shape[1:]).permute(0, 2, 1, 3, 4)
         return F.adaptive_avg_pool3d(feats, 1).flatten(1)
 
     def load_torchvision_state_dict(self, path: str) -> None:

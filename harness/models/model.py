@@ -26,6 +26,7 @@ from midasbench.harness.config import ComponentConfig, ModelConfig
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.encoders import build_encoder
 from midasbench.harness.models.fusion import build_fusion
+from midasbench.harness.params import ComponentEntry, Params, component_decorator, parse_params
 from midasbench.harness.registry import Registry
 
 
@@ -52,6 +53,10 @@ class MultimodalModel(nn.Module):
             if name in self.method_modules:
                 raise ValueError(f"method module {name!r} is attached twice")
             self.method_modules[name] = module
+
+    def set_statistics_reducer(self, reducer: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """How running statistics a model kind updates in training forwards are summed over ranks (the
+        trainer passes ``runtime.all_reduce_sum``, so replicas stay equal); late fusion keeps none."""
 
     def set_autocast(self, dtype: torch.dtype | None) -> None:
         """The encoders' autocast dtype (None: float32 throughout)."""
@@ -103,21 +108,25 @@ def encoder_config_for(model_cfg: ModelConfig, modality: str) -> ComponentConfig
     return model_cfg.default_encoder
 
 
-# (encoders by modality, fusion head, number of classes, model config) -> model
-ModelFactory = Callable[[dict[str, nn.Module], nn.Module, int, ModelConfig], MultimodalModel]
-MODEL_KINDS: Registry[ModelFactory] = Registry("model kind")
+# (encoders by modality, fusion head, number of classes, model config, the kind's params) -> model
+MODEL_KINDS: Registry[ComponentEntry] = Registry("model kind")
 DEFAULT_MODEL_KIND = "late_fusion"
 
 
-def register_model_kind(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """``@register_model_kind("mmtm")``: a model architecture a config (``model.kind``) or a method
-    (``Requirements.model_kind``) can ask for, built from the same encoders and fusion head."""
-    return MODEL_KINDS.register(name)
+def register_model_kind(name: str, params: type[Params], description: str) -> Callable:
+    """``@register_model_kind("mmtm", MMTMParams, "...")``: a model architecture a config (``model.kind``,
+    its settings under ``model.kind_params``) or a method (``Requirements.model_kind``) can ask for, built
+    from the same encoders and fusion head."""
+    return component_decorator(MODEL_KINDS, name, params, description)
 
 
-@register_model_kind(DEFAULT_MODEL_KIND)
+@register_model_kind(DEFAULT_MODEL_KIND, Params, "independent encoders fused after their last layer")
 def _late_fusion(
-    encoders: dict[str, nn.Module], fusion: nn.Module, num_classes: int, model_cfg: ModelConfig
+    encoders: dict[str, nn.Module],
+    fusion: nn.Module,
+    num_classes: int,
+    model_cfg: ModelConfig,
+    params: Params,
 ) -> MultimodalModel:
     """Independent encoders, features fused by the head after the last layer (MIDAS §3.1)."""
     return MultimodalModel(encoders, fusion, num_classes)
@@ -128,7 +137,8 @@ def build_model(
 ) -> MultimodalModel:
     """Build encoders for the dataset's modalities (in manifest order), the heads on top, and the model
     of the registered ``kind`` around them."""
-    factory = MODEL_KINDS.get(kind)
+    entry = MODEL_KINDS.get(kind)
+    kind_params = parse_params(entry.params, model_cfg.kind_params, "model.kind_params")
     unknown = sorted(set(model_cfg.encoders) - set(manifest.modalities))
     if unknown:
         raise ConfigError(
@@ -147,4 +157,4 @@ def build_model(
         manifest.num_classes,
         model_cfg.fusion.params,
     )
-    return factory(encoders, fusion, manifest.num_classes, model_cfg)
+    return entry.factory(encoders, fusion, manifest.num_classes, model_cfg, kind_params)

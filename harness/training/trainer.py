@@ -201,6 +201,7 @@ class TrainingRun:
         self.method: Method = build_method(cfg.method.name, cfg.method.params, context)
         model.attach_method_modules(self.method.build_modules(model))  # before .to() and the optimisers
         model.set_autocast(amp_dtype)
+        model.set_statistics_reducer(self.runtime.all_reduce_sum)  # a model kind's running statistics
         self.model: MultimodalModel = model.to(device)
         self.optimizers: Optimizers = build_optimizers(cfg, self.method, self.model)
         self.runtime.optimizers = dict(self.optimizers.by_name)
