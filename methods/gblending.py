@@ -83,7 +83,6 @@ from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
-from midasbench.harness.training.distributed import sync_normalization_stats
 
 from .base import Method, MethodContext, Requirements, StepOutput, register_method
 
@@ -311,7 +310,7 @@ class GBlending(Method):
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, clip)
                 optimizer.step()
-            sync_normalization_stats(probe, self.runtime)  # as the trainer does after each epoch
+            self.runtime.average_normalization_stats(probe)  # as the trainer does after each epoch
 
     def probe_losses(self, probe: MultimodalModel, branch: str, data: ProbeData) -> tuple[float, float]:
         """(L^T, L^V): mean CEs of the branch's logits in eval mode, without gradients (§26.3)."""

@@ -153,6 +153,13 @@ class Runtime:
 
         all_reduce_gradients(params, self)
 
+    def average_normalization_stats(self, module: torch.nn.Module) -> None:
+        """Average ``module``'s BatchNorm running statistics over ranks, as the trainer does after each
+        epoch: for a model copy a method trains itself (G-Blending's probes)."""
+        from midasbench.harness.training.distributed import sync_normalization_stats
+
+        sync_normalization_stats(module, self)
+
     # ---- optimisers
     def param_groups(self, optimizer: str = "main") -> list[dict[str, Any]]:
         """The parameter groups of one of the run's optimisers (read their lr; do not replace them)."""
