@@ -22,8 +22,12 @@ from . import ogm_ge as _ogm_ge  # noqa: F401
 from . import opm as _opm  # noqa: F401
 from . import pmr as _pmr  # noqa: F401
 from . import powmix as _powmix  # noqa: F401
+from . import reconboost as _reconboost  # noqa: F401
 from . import relearning as _relearning  # noqa: F401
+from . import remix as _remix  # noqa: F401
 from . import smv as _smv  # noqa: F401
+from . import ume as _ume  # noqa: F401
+from . import umt as _umt  # noqa: F401
 from . import unimodal as _unimodal  # noqa: F401
 from .base import METHODS, Method, MethodContext, StepOutput, build_method, register_method
 

@@ -11,9 +11,13 @@ from typing import Any
 
 METHOD_CASES: dict[str, dict[str, Any]] = {
     "joint": {"unimodal_weight": 0.5},
+    "umt": {"teacher_epochs": 1},  # both teachers trained in-process first (1 epoch each), then distilled
+    "ume": {"ume_combine": "prob_mean"},  # both branches trained side by side; probability-mean ensemble
     "mla": {},  # code_v1 projection from the second sub-step, per-sample gate; alternation every batch
+    "reconboost": {},  # 1 + 1 passes per stage: P1 (q_y = 1), P2 (first learner), P1 (q from it, ga)
     # probes of one epoch at epochs 0 and 2 (online, S = 2): the two-rank resume re-estimates after loading
     "gblending": {"probe_epochs": 1, "mode": "online", "super_epoch": 2},
+    "remix": {"warmup_epochs": 1},  # assigned after epoch 0: epochs 1-2 train on the remixed segments
     "relearning": {"reinit_every": 1},  # after epoch 1 (start of 2): train/val KMeans, α, encoder blend
     "greedy": {"curation_starts": 1},  # epoch 0 accumulates d on the MMTM model; epochs 1-2 may curate
     "dgl": {"alpha": 4.0, "grad_clip": 1.0},  # detached fused CE + zero-padded unimodal CEs; clip active
