@@ -29,6 +29,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Marks a field added after sweeps were already being run: at its default it stays out of the config
+# fingerprint, so trials (and their checkpoints) of configs written before it keep their keys and resume.
+OMIT_FROM_FINGERPRINT_AT_DEFAULT = {"fingerprint": "omit-at-default"}
+
+
 class DataConfig(_Section):
     """Which dataset, built how, split how. ``split_seed`` is independent of the init seed."""
 
@@ -56,11 +61,14 @@ class ModelConfig(_Section):
     fusion: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="concat"))
     kind: str | None = Field(
         default=None,
+        json_schema_extra=OMIT_FROM_FINGERPRINT_AT_DEFAULT,
         description="registered model architecture (late_fusion, mmtm); null: the one the method needs, "
         "else late_fusion",
     )
     kind_params: dict[str, Any] = Field(
-        default_factory=dict, description="settings of the model kind (e.g. mmtm: stages, ratio, gate_scale)"
+        default_factory=dict,
+        description="settings of the model kind (e.g. mmtm: stages, ratio, gate_scale)",
+        json_schema_extra=OMIT_FROM_FINGERPRINT_AT_DEFAULT,
     )
 
 
@@ -149,6 +157,7 @@ class RunConfig(_Section):
         """A short hash of everything that determines the run's numbers (not where it logs). Defaults meant
         for other methods do not enter it: the ones that apply are already in ``method.params``."""
         data = self.to_dict()
+        _drop_late_defaults(self, data)
         for key in exclude:
             node = data
             *parents, leaf = key.split(".")
@@ -156,6 +165,18 @@ class RunConfig(_Section):
                 node = node[part]
             node.pop(leaf, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _drop_late_defaults(section: BaseModel, data: dict[str, Any]) -> None:
+    """Remove, in place, every field marked ``OMIT_FROM_FINGERPRINT_AT_DEFAULT`` that holds its default."""
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel) and isinstance(data.get(name), dict):
+            _drop_late_defaults(value, data[name])
+        elif info.json_schema_extra == OMIT_FROM_FINGERPRINT_AT_DEFAULT and value == info.get_default(
+            call_default_factory=True
+        ):
+            data.pop(name, None)
 
 
 # --------------------------------------------------------------------------------------------- loading

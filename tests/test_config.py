@@ -96,3 +96,23 @@ def test_resolved_config_round_trips_and_fingerprint_ignores_tracking(tmp_path):
     moved = load_config(str(path), ["tracking.experiment=other", "train.checkpoint_dir=/x"])
     assert moved.fingerprint() == cfg.fingerprint()
     assert load_config(str(path), ["train.seed=1"]).fingerprint() != cfg.fingerprint()
+
+
+def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
+    """``model.kind`` / ``model.kind_params`` came after sweeps existed: at their defaults a config's
+    fingerprint (its trial key, its checkpoint folder) is what it was before they were added."""
+    import hashlib
+    import json
+
+    cfg = load_config("synthetic")
+    before = cfg.to_dict()
+    del before["model"]["kind"], before["model"]["kind_params"]
+    for key in ("tracking", "method_defaults"):
+        before.pop(key)
+    for key in ("progress", "checkpoint_dir", "resume"):
+        before["train"].pop(key)
+    legacy = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
+    assert cfg.fingerprint() == legacy
+    assert load_config("synthetic", ["model.kind=late_fusion"]).fingerprint() != legacy
+    mmtm = load_config("synthetic", ["model.kind=mmtm", "model.kind_params={ratio: 2.0}"])
+    assert mmtm.fingerprint() != legacy
