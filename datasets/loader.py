@@ -101,12 +101,21 @@ class EpochPlan:
         )
 
     def batch_slices(self, batch_size: int, drop_last: bool = False) -> list[tuple[int, int]]:
-        """(start, stop) of each mini-batch, never across a segment boundary."""
-        return [
+        """(start, stop) of each mini-batch, never across a segment boundary, except for a segment of a
+        single row: BatchNorm cannot train on one row, so it joins the batch before it (or, for the
+        first segment, the one after); its rows keep their tags."""
+        slices = [
             (start + a, start + b)
             for start, stop in self.segment_bounds()
             for a, b in batch_bounds(stop - start, batch_size, drop_last)
         ]
+        merged: list[tuple[int, int]] = []
+        for a, b in slices:
+            if merged and (b - a == 1 or merged[-1][1] - merged[-1][0] == 1):
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        return merged
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return len(self.batch_slices(batch_size, drop_last))

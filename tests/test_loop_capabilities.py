@@ -129,6 +129,16 @@ def test_segments_are_sharded_and_batched_on_their_own(tiny_config):
     assert plan.batch_slices(2) == [(0, 2), (2, 5), (5, 8)]
 
 
+def test_a_one_row_segment_joins_a_neighbouring_batch():
+    # BatchNorm cannot train on one row: a single-row segment (Remix gave one row to a modality on
+    # avdigits) joins the batch before it, or after it when it comes first
+    plan = EpochPlan(np.arange(7), segments=np.array([4, 5, 7]))
+    assert plan.batch_slices(4) == [(0, 5), (5, 7)]  # [0-3] + [4] | [5-6]
+    first = EpochPlan(np.arange(5), segments=np.array([1, 5]))
+    assert first.batch_slices(2) == [(0, 3), (3, 5)]
+    assert EpochPlan(np.arange(1), segments=np.array([1])).batch_slices(2) == [(0, 1)]  # nothing to join
+
+
 def test_segments_must_end_at_the_plan_length():
     with pytest.raises(ValueError, match="ending at 3 rows"):
         EpochPlan(np.arange(3), segments=np.array([1, 2]))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +157,10 @@ def test_two_methods_two_seeds_give_four_child_runs_under_one_parent(
     more = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, resume=True, echo=False)
     assert (more.ran, more.skipped, more.parent_run_id) == (2, 4, outcome.parent_run_id)
     assert len(children(mlflow_uri, "grid4", outcome.parent_run_id)) == 6
+    # --resume from another folder (the sweep's local state gone): the tracking store knows its parent
+    shutil.rmtree(tmp_path / "store")
+    elsewhere = run_sweep(expand(load_sweep(path)), tracking_uri=mlflow_uri, resume=True, echo=False)
+    assert (elsewhere.ran, elsewhere.skipped, elsewhere.parent_run_id) == (0, 6, outcome.parent_run_id)
 
 
 @pytest.mark.ray

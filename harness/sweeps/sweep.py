@@ -447,6 +447,17 @@ def _finished_trials(client: Any, experiment_id: str, parent: str) -> dict[str, 
     }
 
 
+def _latest_parent(client: Any, experiment_id: str, sweep: str) -> str | None:
+    """The most recent parent run of the sweep named ``sweep`` in the experiment, if any (not deleted)."""
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`midasbench.sweep_parent` = 'true'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def _close_early_stopped(
     client: Any, experiment_id: str, parent: str, ended_without_error: list[str]
 ) -> None:
@@ -485,6 +496,7 @@ def run_sweep(
     experiment_id = ensure_experiment(uri, experiment)  # create the store once, here, before any trial
     client = MlflowClient(tracking_uri=uri)
 
+    adopted = None if state_path.is_file() or not resume else _latest_parent(client, experiment_id, spec.name)
     if state_path.is_file():
         if not resume:
             raise ConfigError(
@@ -494,7 +506,19 @@ def run_sweep(
         state = json.loads(state_path.read_text())
         parent = state["parent_run_id"]
         client.update_run(parent, status="RUNNING")
+    elif adopted is not None:  # --resume from another folder: the tracking store knows the sweep
+        parent = adopted
+        client.update_run(parent, status="RUNNING")
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(state_path, json.dumps({"parent_run_id": parent, "experiment": experiment, "uri": uri}))
+        if echo:
+            print(
+                f"sweep {spec.name}: no state in {root}; resuming its latest parent run {parent} from the "
+                "tracking store (unfinished trials restart: their checkpoints are where the sweep first ran)"
+            )
     else:
+        if resume and echo:
+            print(f"sweep {spec.name}: --resume found no earlier run of it in {uri}; starting it")
         parent = client.create_run(
             experiment_id, run_name=spec.name, tags={SWEEP_TAG: spec.name, "midasbench.sweep_parent": "true"}
         ).info.run_id
