@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.params import describe_validation_error
@@ -70,6 +71,27 @@ class ModelConfig(_Section):
         description="settings of the model kind (e.g. mmtm: stages, ratio, gate_scale)",
         json_schema_extra=OMIT_FROM_FINGERPRINT_AT_DEFAULT,
     )
+    init_encoders: dict[str, str] = Field(
+        default_factory=dict,
+        json_schema_extra=OMIT_FROM_FINGERPRINT_AT_DEFAULT,
+        description="modality (name or 0-based position) -> an earlier unimodal run whose best encoder "
+        "weights start this run's encoder: its checkpoint folder or best.pt, or its MLflow run id "
+        "(runs:/<id> or <id>); checked against this run's data and split (harness/training/unimodal_runs.py)",
+    )
+
+    @field_validator("init_encoders", mode="before")
+    @classmethod
+    def _keys_and_sources_as_strings(cls, value: Any) -> Any:
+        """A position may come as an int (``{0: ...}`` in YAML or Python), a folder as a ``Path``: both are
+        stored as strings, so the resolved config and its fingerprint read the same after a JSON trip."""
+        if not isinstance(value, dict):
+            return value
+        return {
+            (str(k) if isinstance(k, int) and not isinstance(k, bool) else k): (
+                os.fspath(v) if isinstance(v, os.PathLike) else v
+            )
+            for k, v in value.items()
+        }
 
 
 class OptimizerConfig(_Section):

@@ -43,9 +43,10 @@ Params (§18, CREMA-D ResNet recipe of ``run.sh``): ``l`` 0.1, ``num_samples`` (
 
 Departures from the official code (``kkontras/MCR`` @ 338d370: ``MCR_Model``, ``Bias_Infusion_MCR``):
 
-* **No unimodal pre-training** of the encoders (the CREMA-D recipe's ``--pre``): every method of the
-  harness trains from scratch (§10.2 harness row); there is no method-level way to load unimodal
-  checkpoints into the encoders.
+* **No unimodal pre-training** of the encoders by default (the CREMA-D recipe's ``--pre``): every method
+  of the harness trains from scratch (§10.2 harness row). §10.2's ``mcr_pretrained_encoders`` flag is the
+  harness option ``model.init_encoders`` (every method has it), which loads each encoder from a
+  ``unimodal`` run (checkpoint folder or MLflow run id) and so reproduces the recipe's ``--pre``.
 * ``l`` is used numerically (the standalone ``MCR_Linear`` turns it into a bool, §10.2 pitfall).
 * The perturbed logits reuse the step's encoder features. The official ``shuffle_data`` re-encodes the
   batch with the model in eval mode (BatchNorm running statistics, no dropout) for the perturbed

@@ -48,10 +48,11 @@ implements a schedule of its own.
 
 Departures from the official code (``huacong/ReconBoost`` @ 14ab57a, ``train.py``, ``models/dynamic_net.py``):
 
-* **From scratch.** The official CREMA-D command starts from unimodal-pretrained encoders
-  (``--use_pretrain``); the harness trains every method from scratch (§28.5). ``ensemble_start=full``
-  reproduces the pretrained run's membership, but no checkpoint is loaded (there is no method-level
-  unimodal-checkpoint loader yet; §28.5's ``reconboost_pretrained`` flag is not implemented).
+* **From scratch** by default. The official CREMA-D command starts from unimodal-pretrained encoders
+  (``--use_pretrain``); the harness trains every method from scratch (§28.5). §28.5's
+  ``reconboost_pretrained`` flag is the harness option ``model.init_encoders`` (every method has it): it
+  loads each encoder from a §4 ``unimodal`` run (checkpoint folder or MLflow run id) before training, and
+  with ``ensemble_start=full`` (the pretrained run's membership) reproduces the official setting.
 * **Budget and optimiser.** 35 stages of 1 + 1 passes instead of up to 1000 stages of 4 + 4 from
   pretrained encoders; the run's optimiser (lr 1e-3, wd 1e-4, one lr for both phases) instead of SGD with
   ``m_lr = e_lr = 0.01``, wd 5e-4; the decay is the protocol's StepLR (above), not ×0.1 per 30 stages.

@@ -20,7 +20,8 @@ left out of every optimiser, forward under no-grad. Being modules, they are chec
 buffer says its weights are in place. Teachers are loaded at the start of the first epoch
 (``on_epoch_start``), identically on every rank (spec §20.4 R8).
 
-Where a teacher comes from (``teachers``: modality name or position → source):
+Where a teacher comes from (``teachers``: modality name or position → source; the sources and the fit
+checks are the harness's, ``harness/training/unimodal_runs.py``, shared with ``model.init_encoders``):
 
 * a checkpoint folder of a ``unimodal`` run, or its ``best.pt``;
 * an MLflow run id (``runs:/<id>`` or the bare 32-hex ``<id>``) of such a run, looked up in the store of
@@ -85,11 +86,8 @@ Departures from the official code (there is none; BB's ``UMT_trainer.py`` is the
 from __future__ import annotations
 
 import copy
-import re
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -105,13 +103,21 @@ from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 from midasbench.harness.training import checkpoint as ckpt
+from midasbench.harness.training.unimodal_runs import (
+    UnimodalSource,
+    check_fits,
+    encoder_state,
+    load_encoder,
+    modality_of,
+    resolve_source,
+)
 
 from .base import Method, MethodContext, Requirements, StepOutput, register_method
 
 TEACHER_OF_TAG = "midasbench.teacher_of"  # the student's config fingerprint, on a teacher's MLflow run
 TEACHER_MODALITY_TAG = "midasbench.teacher_modality"
 TEACHER_OF_TRIAL_TAG = "midasbench.teacher_of_trial"  # the student's sweep trial key, if any
-_RUN_ID = re.compile(r"runs:/([^/\s]+)(/.*)?|([0-9a-f]{32})")
+TeacherSource = UnimodalSource  # a teacher: a unimodal run's best checkpoint (training/unimodal_runs.py)
 
 # --------------------------------------------------------------------------------------- functional core
 
@@ -159,148 +165,16 @@ def teacher_features(
     return out
 
 
-def _listed(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{f', … ({len(keys)} in all)' if len(keys) > limit else ''}]"
-
-
-def encoder_state(model_state: Mapping[str, torch.Tensor], modality: str, source: Path) -> dict[str, Any]:
-    """Modality ``modality``'s encoder weights from a run's model state (``encoders.<m>.*``)."""
-    prefix = f"encoders.{modality}."
-    state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
-    if not state:
-        found = sorted({k.split(".")[1] for k in model_state if k.startswith("encoders.")})
-        raise ConfigError(
-            f"{source}: holds no encoder for modality {modality!r} (no 'encoders.{modality}.*' keys; "
-            f"encoders found: {found or 'none'}); give the checkpoint of a midasbench unimodal run"
-        )
-    return state
-
-
 def load_teacher(
     teacher: FrozenTeacher, state: Mapping[str, torch.Tensor], modality: str, source: Path
 ) -> None:
     """Load a teacher encoder's weights, refusing a state that does not fit the student's encoder config
     for that modality (a ``ConfigError`` naming the file and the mismatched keys)."""
-    expected = teacher.encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the student"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise ConfigError(
-            f"{source}: the {modality!r} encoder there does not fit the student's encoder config "
-            f"(model.encoders.{modality}, else model.default_encoder): missing keys {_listed(missing)}, "
-            f"unexpected keys {_listed(unexpected)}, shape mismatches {_listed(shapes)}"
-        )
-    teacher.encoder.load_state_dict(dict(state))
+    load_encoder(teacher.encoder, state, modality, source, target="the student")
     teacher.loaded.fill_(True)
 
 
 # ---------------------------------------------------------------------------------------- teacher sources
-
-
-@dataclass
-class TeacherSource:
-    """A teacher checkpoint and what is known of the run that wrote it."""
-
-    best: Path  # the best.pt holding the teacher's weights
-    state: dict[str, Any]  # its contents (fingerprint, epoch, model, method)
-    tags: dict[str, str] | None  # the writing run's MLflow tags, when its run could be found
-    where: str  # how it was given, for messages
-
-
-def _mlflow_run(run_id: str, uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri).get_run(run_id)
-
-
-def _load_best(best: Path, where: str) -> dict[str, Any]:
-    if not best.is_file():
-        raise ConfigError(f"{where}: no checkpoint {best} (a finished run's folder holds best.pt)")
-    state = ckpt.load(best)
-    if not isinstance(state, dict) or "model" not in state:
-        raise ConfigError(f"{where}: {best} is not a midasbench checkpoint (no 'model' state)")
-    return state
-
-
-def source_from_run_id(run_id: str, uri: str, where: str) -> TeacherSource:
-    """An MLflow run's checkpoint folder (its ``train.checkpoint_dir`` param, else the trainer's default
-    folder for its ``config.fingerprint`` tag, relative to the cwd) and its tags."""
-    try:
-        run = _mlflow_run(run_id, uri)
-    except Exception as exc:  # MLflow raises its own exception types (not found, bad store)
-        raise ConfigError(f"{where}: no MLflow run {run_id!r} in the store {uri} ({exc})") from None
-    tags, params = dict(run.data.tags), dict(run.data.params)
-    folder = params.get("train.checkpoint_dir")
-    if folder in (None, "None", ""):  # trainer.default_checkpoint_dir
-        folder = str(Path(".midasbench") / "checkpoints" / tags.get("config.fingerprint", "?"))
-    best = Path(folder) / ckpt.CheckpointDir.BEST
-    return TeacherSource(best, _load_best(best, where), tags, where)
-
-
-def source_from_path(path: Path, where: str, tracking_uri: str | None) -> TeacherSource:
-    """A checkpoint folder or its ``best.pt``; the tags of the MLflow run its ``last.pt`` names, when
-    ``tracking_uri`` is given and that store has the run."""
-    folder, best = (path, path / ckpt.CheckpointDir.BEST) if path.is_dir() else (path.parent, path)
-    state = _load_best(best, where)
-    tags = None
-    last = folder / ckpt.CheckpointDir.LAST
-    if tracking_uri is not None and last.is_file():
-        run_id = ckpt.load(last).get("run_id")
-        if run_id:
-            try:
-                tags = dict(_mlflow_run(run_id, tracking_uri).data.tags)
-            except Exception:  # the run lives in another store: fall back on the fingerprint
-                tags = None
-    return TeacherSource(best, state, tags, where)
-
-
-def resolve_source(spec: str, where: str, cfg: RunConfig | None) -> TeacherSource:
-    """A ``teachers`` value: a folder, a ``best.pt``, or an MLflow run id (``runs:/<id>`` or ``<id>``)."""
-    from midasbench.harness.tracking import resolve_tracking_uri
-
-    path = Path(spec)
-    if path.exists():
-        uri = resolve_tracking_uri(cfg.tracking.uri) if cfg is not None and cfg.tracking.enabled else None
-        return source_from_path(path, where, uri)
-    match = _RUN_ID.fullmatch(spec.strip())
-    if match:
-        uri = resolve_tracking_uri(cfg.tracking.uri if cfg is not None else None)
-        return source_from_run_id(match.group(1) or match.group(3), uri, where)
-    raise ConfigError(
-        f"{where}: {spec!r} is neither an existing checkpoint folder or best.pt of a unimodal run, nor an "
-        "MLflow run id (runs:/<id> or the 32-hex <id>)"
-    )
-
-
-def tag_problems(
-    tags: Mapping[str, str], source: TeacherSource, modality: str, manifest: Manifest | None
-) -> list[str]:
-    """Why an MLflow run's tags (``TrainingRun.run_tags``) say its checkpoint is not this run's teacher:
-    not ``unimodal[<m>]``, a checkpoint of another config, another dataset content or split ids."""
-    problems = []
-    if tags.get("method.name") != "unimodal" or tags.get("method.label") != f"unimodal[{modality}]":
-        label = tags.get("method.label", tags.get("method.name"))
-        problems.append(f"it is run {label!r}, not 'unimodal[{modality}]'")
-    if tags.get("config.fingerprint") not in (None, source.state.get("fingerprint")):
-        problems.append(
-            f"{source.best} holds a checkpoint of config {source.state.get('fingerprint')}, "
-            f"the run's is {tags['config.fingerprint']}"
-        )
-    if manifest is None:
-        return problems
-    if tags.get("dataset.content_sha256") != manifest.content_sha256:
-        problems.append("its dataset content hash (dataset.content_sha256) is not the student's")
-    return problems + [
-        f"its {s} split ids (split.{s}.ids_sha256) are not the student's"
-        for s, info in manifest.splits.items()
-        if tags.get(f"split.{s}.ids_sha256") != info.ids_sha256
-    ]
 
 
 def check_source_fits(
@@ -311,33 +185,19 @@ def check_source_fits(
     seed: int | None,
     policy: Literal["warn", "error"],
 ) -> None:
-    """§23.4: the teacher must come from a unimodal run of ``modality`` on the student's split. Proven by
-    the MLflow tags (dataset hash, split ids hashes) where there are tags, else by a fingerprint equal to
-    the teacher config this run would train; otherwise unverifiable (a warning, or an error by policy)."""
-    if source.tags is not None:
-        problems = tag_problems(source.tags, source, modality, manifest)
-        if problems:
-            raise ConfigError(f"{source.where}: the teacher does not fit this run: {'; '.join(problems)}")
-        if seed is not None and source.tags.get("seed") not in (None, str(seed)):
-            warnings.warn(
-                f"{source.where}: the teacher was trained with seed {source.tags['seed']}, the student "
-                f"uses {seed}",
-                stacklevel=2,
-            )
-        if manifest is not None:
-            return
-    elif expected_fingerprint is not None and source.state.get("fingerprint") == expected_fingerprint:
-        return
-    message = (
-        f"{source.where}: cannot verify that the teacher {source.best} is a unimodal[{modality}] run on "
-        f"this run's split: the checkpoint folder holds only a config fingerprint "
-        f"({source.state.get('fingerprint')}, this run's teacher config would be {expected_fingerprint}), "
-        "no dataset hash or split ids, and no MLflow run of it was found (give its MLflow run id, or "
-        "train it with this run's settings, to have it checked)"
+    """§23.4: the teacher must come from a unimodal run of ``modality`` on the student's split
+    (``unimodal_runs.check_fits``: MLflow tags, else the fingerprint of the teacher config this run would
+    train; otherwise a warning, or an error by ``unverified_teacher``)."""
+    check_fits(
+        source,
+        modality,
+        manifest,
+        expected_fingerprint,
+        seed,
+        policy,
+        role="teacher",
+        policy_key="method.params.unverified_teacher",
     )
-    if policy == "error":
-        raise ConfigError(f"{message}; method.params.unverified_teacher=error")
-    warnings.warn(message, stacklevel=2)
 
 
 def finished(folder: Path, fingerprint: str) -> bool:
@@ -372,18 +232,6 @@ def teacher_tags(cfg: RunConfig, modality: str) -> dict[str, str]:
     if IDENTITY_TAG in student:
         tags[TEACHER_OF_TRIAL_TAG] = student[IDENTITY_TAG]
     return tags
-
-
-def teacher_modality(key: str | int, modalities: tuple[str, ...]) -> str:
-    """A ``teachers`` key: a modality name, or a 0-based position (an int, or digits after a JSON trip)."""
-    if isinstance(key, str) and key in modalities:
-        return key
-    if (isinstance(key, int) or key.isdigit()) and 0 <= int(key) < len(modalities):
-        return modalities[int(key)]
-    raise ConfigError(
-        f"method.params.teachers: key {key!r} is neither a modality of this dataset "
-        f"({', '.join(modalities)}) nor a position 0-{len(modalities) - 1}"
-    )
 
 
 # --------------------------------------------------------------------------------------------- method
@@ -424,7 +272,7 @@ class UMT(Method):
         super().__init__(params, context)
         self.sources: dict[str, str] = {}
         for key, spec in params.teachers.items():
-            m = teacher_modality(key, context.modalities)
+            m = modality_of(key, context.modalities, "method.params.teachers")
             if m in self.sources:
                 raise ConfigError(f"method.params.teachers: two entries for modality {m!r}")
             self.sources[m] = spec

@@ -99,14 +99,15 @@ def test_resolved_config_round_trips_and_fingerprint_ignores_tracking(tmp_path):
 
 
 def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
-    """``model.kind`` / ``model.kind_params`` came after sweeps existed: at their defaults a config's
-    fingerprint (its trial key, its checkpoint folder) is what it was before they were added."""
+    """``model.kind`` / ``model.kind_params`` / ``model.init_encoders`` came after sweeps existed: at their
+    defaults a config's fingerprint (its trial key, its checkpoint folder) is what it was before they were
+    added."""
     import hashlib
     import json
 
     cfg = load_config("synthetic")
     before = cfg.to_dict()
-    del before["model"]["kind"], before["model"]["kind_params"]
+    del before["model"]["kind"], before["model"]["kind_params"], before["model"]["init_encoders"]
     for key in ("tracking", "method_defaults"):
         before.pop(key)
     for key in ("progress", "checkpoint_dir", "resume"):

@@ -25,11 +25,13 @@ from midasbench.harness.models.fusion import ConcatFusion
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.tracking import flatten
 from midasbench.harness.training import checkpoint as ckpt
+from midasbench.harness.training import unimodal_runs as sources_module
 from midasbench.harness.training.trainer import TrainingRun, train
+from midasbench.harness.training.unimodal_runs import encoder_state
 from midasbench.methods import METHODS, MethodContext, build_method
 from midasbench.methods import umt as umt_module
 from midasbench.methods.ume import combine_unimodal
-from midasbench.methods.umt import TeacherSource, check_source_fits, distillation_loss, encoder_state
+from midasbench.methods.umt import TeacherSource, check_source_fits, distillation_loss
 
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=3, epochs=3, steps_per_epoch=1, seed=0)
 
@@ -260,7 +262,9 @@ def test_a_teacher_given_by_run_id_is_found_and_checked_against_its_tags(
         data=SimpleNamespace(tags=teacher_run.run_tags(), params=flatten(teacher_run.cfg.to_dict()))
     )
     asked = []
-    monkeypatch.setattr(umt_module, "_mlflow_run", lambda run_id, uri: asked.append((run_id, uri)) or logged)
+    monkeypatch.setattr(
+        sources_module, "mlflow_run", lambda run_id, uri: asked.append((run_id, uri)) or logged
+    )
     run_id = "0123456789abcdef0123456789abcdef"
     cfg = config(
         data_root,

@@ -55,6 +55,7 @@ from midasbench.harness.training.distributed import (
 from midasbench.harness.training.evaluation import encode_rows, evaluate
 from midasbench.harness.training.optim import Optimizers, build_optimizers, build_scheduler, make_optimizer
 from midasbench.harness.training.runtime import Runtime, distributed_rank_and_size
+from midasbench.harness.training.unimodal_runs import init_encoder_sources, load_init_encoders
 from midasbench.methods import METHODS, Method, MethodContext, StepOutput, build_method
 
 EpochCallback = Callable[[int, dict[str, float], Path], None]
@@ -164,6 +165,7 @@ class TrainingRun:
         self.dataset = ArrowDataset(dataset_path(cfg))
         manifest = self.dataset.manifest
         check_method_requirements(cfg, len(manifest.modality_names))
+        init_sources = init_encoder_sources(cfg.model.init_encoders, tuple(manifest.modality_names))
         self.train_split, self.val_split, self.test_split = (
             self.dataset.split(s) for s in ("train", "val", "test")
         )
@@ -186,6 +188,10 @@ class TrainingRun:
         ckpt.seed_everything(t.seed)
         kind = METHODS.get(cfg.method.name).requires.resolve_model_kind(cfg.method.name, cfg.model.kind)
         model = build_model(cfg.model, manifest, kind)
+        # model.init_encoders: unimodal runs' encoders, before the method, the device and the optimisers see
+        # the model (a resumed run then overwrites them from last.pt). Every rank reads the same files (and
+        # asks the MLflow store alike): the replicas start equal without a collective.
+        self.init_encoder_tags = load_init_encoders(model, cfg, manifest, init_sources)
         self.loader = BatchLoader(
             self.train_split, t.batch_size, shuffle=True, seed=t.seed, rank=rank, world_size=world_size
         )
@@ -356,6 +362,7 @@ class TrainingRun:
             "train.world_size": str(self.runtime.world_size),
             "train.batch_size_per_rank": str(t.batch_size),
             "config.fingerprint": self.fingerprint,
+            **self.init_encoder_tags,  # init_encoders.<m>.source / .checkpoint / .fingerprint / .sha256
             **{f"version.{k}": v for k, v in package_versions().items()},
             **self.cfg.tracking.tags,
         }
