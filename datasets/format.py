@@ -22,7 +22,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,23 @@ def _update_content_hash(digest: Any, split: str, arrays: SplitArrays, modality_
         digest.update(np.asarray(arrays.subsets[name], dtype=bool).tobytes())
 
 
+def hash_split(digest: Any, data: SplitData) -> None:
+    """``_update_content_hash`` of a written split, fed chunk by chunk from its memory-mapped file (the
+    same bytes in the same order, so the same hash) without holding a column in memory."""
+    n = len(data.ids)
+    digest.update(f"split={data.split};rows={n}\n".encode())
+    digest.update(hash_ids(data.ids).encode())
+    digest.update(np.ascontiguousarray(data.labels, dtype="<i8").tobytes())
+    for name, column in data.columns.items():
+        first = column.chunks[0]
+        digest.update(f"{name}:{first.dtype.str}:{(n, *first.shape[1:])}".encode())
+        for chunk in column.iter_chunks():
+            digest.update(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+    for name in sorted(data.subsets):
+        digest.update(f"subset={name}".encode())
+        digest.update(np.asarray(data.subsets[name], dtype=bool).tobytes())
+
+
 def _tensor_array(arr: np.ndarray) -> pa.ExtensionArray:
     return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(arr))
 
@@ -203,77 +220,32 @@ def write_dataset(
     last and the directory is then renamed into place (replacing an older version, if any). A crash at
     any point leaves either the old dataset or nothing under ``directory``.
 
-    By default each split is one record batch: a single chunk per column makes a batch gather one
-    ``np.take`` (multi-chunk gathers pay per-chunk overhead; benchmarks/bench_arrow_gather.py).
+    Record batches hold at most 64 MiB (``DatasetWriter``; ``chunk_rows`` caps their rows), so no
+    column passes Arrow's 2³¹−1 elements per batch; gathers across chunks cost about what one chunk does
+    (``TensorColumn``). For data that does not fit in memory, stream it with ``DatasetWriter``.
     """
-    target = Path(directory)
+    from .writer import DatasetWriter
+
     missing = [s for s in SPLIT_NAMES if s not in splits]
     if missing:
         raise DatasetFormatError(f"dataset {name!r}: splits {missing} are missing; need {list(SPLIT_NAMES)}")
     first = splits["train"]
-    specs = _modality_specs(first, modality_kinds)
-    modality_order = list(specs)
-    subset_names = sorted(first.subsets)
-    schema = _schema(specs, subset_names)
-    for split_name, arrays in splits.items():
-        other = _modality_specs(arrays, modality_kinds)
-        if {k: (v.dtype, v.shape) for k, v in other.items()} != {
-            k: (v.dtype, v.shape) for k, v in specs.items()
-        }:
-            raise DatasetFormatError(
-                f"dataset {name!r}: split {split_name!r} has modalities {other}, expected {specs}"
-            )
-        if sorted(arrays.subsets) != subset_names:
-            raise DatasetFormatError(f"dataset {name!r}: split {split_name!r} has different subsets")
-        if len(arrays.labels) and (arrays.labels.min() < 0 or arrays.labels.max() >= len(classes)):
-            raise DatasetFormatError(
-                f"dataset {name!r}: split {split_name!r} has labels outside 0..{len(classes) - 1}"
-            )
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        digest = hashlib.sha256()
-        infos: dict[str, SplitInfo] = {}
+    with DatasetWriter(
+        directory,
+        name=name,
+        version=version,
+        classes=classes,
+        modalities=_modality_specs(first, modality_kinds),
+        subsets=sorted(first.subsets),
+        description=description,
+        build_options=build_options,
+        max_batch_rows=chunk_rows,
+        replace_existing=replace_existing,
+    ) as writer:
         for split_name in SPLIT_NAMES:
-            arrays = splits[split_name]
-            file_name = f"{split_name}.arrow"
-            rows = len(arrays.ids)
-            step = chunk_rows or max(rows, 1)
-            with pa.OSFile(str(tmp / file_name), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                for start in range(0, rows, step):
-                    chunk = arrays if step >= rows else arrays.take(np.arange(start, min(start + step, rows)))
-                    writer.write_batch(_record_batch(chunk, schema, modality_order))
-            _fsync(tmp / file_name)
-            _update_content_hash(digest, split_name, arrays, modality_order)
-            infos[split_name] = SplitInfo(
-                file=file_name, rows=len(arrays.ids), ids_sha256=hash_ids(arrays.ids)
-            )
-        manifest = Manifest(
-            name=name,
-            version=version,
-            description=description,
-            modalities=specs,
-            classes=list(classes),
-            split_protocol=split_protocol,
-            split_seed=split_seed,
-            splits=infos,
-            subsets=subset_names,
-            build_options=dict(build_options or {}),
-            content_sha256=digest.hexdigest(),
-        )
-        manifest_path = tmp / MANIFEST_NAME
-        manifest_path.write_text(manifest.model_dump_json(indent=2))
-        _fsync(manifest_path)
-        if not replace_existing and (target / MANIFEST_NAME).is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            return read_manifest(target)
-        _replace_directory(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+            with writer.split(split_name) as out:
+                out.append(splits[split_name])
+        return writer.finish(split_protocol=split_protocol, split_seed=split_seed)
 
 
 def _fsync(path: Path) -> None:
@@ -318,14 +290,17 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
 class TensorColumn:
     """A modality column as zero-copy numpy views over the memory-mapped Arrow chunks.
 
-    ``gather`` copies only the requested rows; rows are looked up chunk by chunk so that datasets written
-    in several record batches still read without materialising the whole column.
+    ``gather`` copies only the requested rows. A file written in many record batches has one buffer per
+    chunk, all inside the same memory map: with ``file_bytes`` (a uint8 view of the whole map) a gather
+    is one fancy index over a byte-strided view of the file, whatever the number of chunks, so a
+    many-chunk file reads about as fast as a one-chunk one (``benchmarks/bench_arrow_gather.py``).
     """
 
-    def __init__(self, chunks: list[np.ndarray]) -> None:
+    def __init__(self, chunks: list[np.ndarray], file_bytes: np.ndarray | None = None) -> None:
         self.chunks = chunks
         sizes = [len(c) for c in chunks]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._rows = _row_windows(chunks, file_bytes) if len(chunks) > 1 else None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -333,19 +308,50 @@ class TensorColumn:
     def gather(self, index: np.ndarray) -> np.ndarray:
         if len(self.chunks) == 1:
             return np.take(self.chunks[0], index, axis=0)
+        index = np.asarray(index, dtype=np.int64)
         which = np.searchsorted(self.offsets, index, side="right") - 1
         first = self.chunks[0]
+        if self._rows is not None:
+            windows, starts, row_bytes = self._rows
+            raw = windows[starts[which] + (index - self.offsets[which]) * row_bytes]
+            return raw.view(first.dtype).reshape(len(index), *first.shape[1:])
         out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
         for chunk_id in np.unique(which):
             rows = np.nonzero(which == chunk_id)[0]
             out[rows] = self.chunks[chunk_id][index[rows] - self.offsets[chunk_id]]
         return out
 
+    def iter_chunks(self) -> Iterator[np.ndarray]:
+        """The column's chunks in order (zero-copy views): for passes that must not hold it all."""
+        return iter(self.chunks)
+
     def to_numpy(self) -> np.ndarray:
         """The whole column; zero-copy when it is one chunk (read-only memory map)."""
         if len(self.chunks) == 1:
             return self.chunks[0]
         return np.concatenate(self.chunks)
+
+
+def _row_windows(
+    chunks: list[np.ndarray], file_bytes: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """A ``(positions, row_bytes)`` uint8 view whose row ``k`` is the ``row_bytes`` bytes of the file from
+    byte ``k``, and each chunk's first byte in the file; None if a chunk lies outside the map (then
+    ``gather`` falls back to a per-chunk loop)."""
+    if file_bytes is None or not all(c.flags.c_contiguous for c in chunks):
+        return None
+    row_bytes = chunks[0].itemsize * int(np.prod(chunks[0].shape[1:]))
+    base = file_bytes.ctypes.data
+    starts = np.array([c.ctypes.data - base for c in chunks], dtype=np.int64)
+    size = len(file_bytes)
+    if row_bytes <= 0 or size < row_bytes:
+        return None
+    if np.any(starts < 0) or np.any(starts + np.array([c.nbytes for c in chunks]) > size):
+        return None
+    windows = np.lib.stride_tricks.as_strided(
+        file_bytes, shape=(size - row_bytes + 1, row_bytes), strides=(1, 1), writeable=False
+    )
+    return windows, starts, row_bytes
 
 
 class SplitData:
@@ -370,11 +376,13 @@ class SplitData:
         self.ids = np.asarray(table.column(ID_COLUMN).to_pylist(), dtype=str)
         self.labels = table.column(LABEL_COLUMN).to_numpy()
         self.columns: dict[str, TensorColumn] = {}
+        source.seek(0)
+        file_bytes = np.frombuffer(source.read_buffer(), dtype=np.uint8)  # the whole map, zero-copy
         for name, spec in manifest.modalities.items():
             views = [_chunk_view(chunk, spec, path, name) for chunk in table.column(name).chunks]
             if not views:
                 views = [np.empty((0, *spec.shape), dtype=spec.dtype)]
-            self.columns[name] = TensorColumn(views)
+            self.columns[name] = TensorColumn(views, file_bytes)
         self.subsets = {
             name: table.column(SUBSET_PREFIX + name).to_numpy(zero_copy_only=False).astype(bool)
             for name in manifest.subsets
@@ -410,19 +418,13 @@ class ArrowDataset:
         return self._splits[name]
 
     def verify(self) -> None:
-        """Recompute the content hash from the files and compare it with the manifest."""
+        """Recompute the content hash from the files (chunk by chunk) and compare it with the manifest."""
         digest = hashlib.sha256()
         for split_name in SPLIT_NAMES:
             data = self.split(split_name)
-            arrays = SplitArrays(
-                ids=data.ids,
-                labels=data.labels,
-                modalities={k: v.to_numpy() for k, v in data.columns.items()},
-                subsets=data.subsets,
-            )
             if hash_ids(data.ids) != self.manifest.splits[split_name].ids_sha256:
                 raise DatasetFormatError(f"{data.path}: sample ids do not match manifest splits.{split_name}")
-            _update_content_hash(digest, split_name, arrays, list(self.manifest.modalities))
+            hash_split(digest, data)
         if digest.hexdigest() != self.manifest.content_sha256:
             raise DatasetFormatError(
                 f"{self.directory / MANIFEST_NAME}: field 'content_sha256' does not match the data files"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from midasbench.datasets import format as fmt
+from midasbench.datasets import writer as writer_module
 from midasbench.datasets.format import ArrowDataset, DatasetFormatError, SplitArrays, write_dataset
 from midasbench.datasets.loader import BatchLoader, epoch_permutation, gather_batch
 
@@ -97,7 +98,7 @@ def test_interrupted_write_leaves_no_complete_dataset_and_keeps_the_old_one(tmp_
     write(tmp_path)
     before = ArrowDataset(tmp_path / "toy").manifest.content_sha256
     calls = {"n": 0}
-    real = fmt._record_batch
+    real = writer_module._record_batch
 
     def crash_on_second_split(*args, **kwargs):
         calls["n"] += 1
@@ -105,7 +106,7 @@ def test_interrupted_write_leaves_no_complete_dataset_and_keeps_the_old_one(tmp_
             raise KeyboardInterrupt("simulated crash mid-write")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fmt, "_record_batch", crash_on_second_split)
+    monkeypatch.setattr(writer_module, "_record_batch", crash_on_second_split)
     with pytest.raises(KeyboardInterrupt):
         write(tmp_path, train=make_split(20, seed=9), val=make_split(6, 100, 1), test=make_split(9, 200, 2))
     calls["n"] = 0

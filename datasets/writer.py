@@ -1,0 +1,279 @@
+"""Streaming writes of the canonical format: samples go to disk as they arrive, in record batches of
+bounded bytes, so a build's memory stays a few batches whatever the dataset's size (issue 9).
+
+A ``DatasetWriter`` writes under a hidden temporary sibling directory; each split is an Arrow IPC file
+of record batches of at most ``max_batch_bytes`` (and never more than 2³¹−1 tensor elements, Arrow's
+limit per batch); ``finish`` hashes every split back from its memory-mapped file, writes
+``manifest.json`` last and renames the directory into place. A crash or an error at any point leaves
+the old dataset or nothing, as ``write_dataset`` always did::
+
+    with DatasetWriter(path, name="x", version="1", classes=names, modalities=specs) as writer:
+        for split in ("train", "val", "test"):
+            with writer.split(split) as out:
+                for rows in source(split):        # any number of rows at a time
+                    out.append(rows)              # a SplitArrays
+        manifest = writer.finish(split_protocol="official", split_seed=None)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .format import (
+    ID_COLUMN,
+    LABEL_COLUMN,
+    MANIFEST_NAME,
+    SPLIT_NAMES,
+    SUBSET_PREFIX,
+    DatasetFormatError,
+    Manifest,
+    ModalitySpec,
+    SplitArrays,
+    SplitInfo,
+    _fsync,
+    _record_batch,
+    _replace_directory,
+    _schema,
+    read_manifest,
+)
+
+DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
+ARROW_MAX_ELEMENTS = 2**31 - 1  # elements of one tensor column in one record batch
+
+
+class SplitWriter:
+    """Appends rows to one split's Arrow file, cutting record batches at ``max_rows`` rows."""
+
+    def __init__(self, path: Path, writer: DatasetWriter, name: str) -> None:
+        self.path = path
+        self.name = name
+        self._owner = writer
+        self._sink = pa.OSFile(str(path), "wb")
+        self._ipc = pa.ipc.new_file(self._sink, writer.schema)
+        self._pending: list[SplitArrays] = []
+        self._pending_rows = 0
+        self.rows = 0
+        self.ids_digest = hashlib.sha256()
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self._abort()
+
+    def append(self, rows: SplitArrays) -> None:
+        """Add rows (checked against the writer's modalities, classes and subsets first)."""
+        self._owner.check(rows, self.name)
+        for sample_id in rows.ids:
+            self.ids_digest.update(str(sample_id).encode())
+            self.ids_digest.update(b"\n")
+        self._pending.append(rows)
+        self._pending_rows += len(rows.ids)
+        self.rows += len(rows.ids)
+        while self._pending_rows >= self._owner.max_rows:
+            self._flush(self._owner.max_rows)
+
+    def _flush(self, count: int) -> None:
+        """Write the first ``count`` pending rows as one record batch."""
+        merged = _concat(self._pending)
+        head, tail = merged.take(np.arange(count)), merged.take(np.arange(count, len(merged.ids)))
+        self._ipc.write_batch(_record_batch(head, self._owner.schema, self._owner.modality_order))
+        self._pending = [tail] if len(tail.ids) else []
+        self._pending_rows = len(tail.ids)
+
+    def close(self) -> None:
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        self._ipc.close()
+        self._sink.close()
+        _fsync(self.path)
+        self._owner._closed(self)
+
+    def _abort(self) -> None:
+        self._ipc.close()
+        self._sink.close()
+
+
+def _concat(parts: list[SplitArrays]) -> SplitArrays:
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return SplitArrays(
+        ids=np.concatenate([p.ids for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        modalities={m: np.concatenate([p.modalities[m] for p in parts]) for m in first.modalities},
+        subsets={s: np.concatenate([np.asarray(p.subsets[s]) for p in parts]) for s in first.subsets},
+    )
+
+
+class DatasetWriter:
+    """Writes a dataset directory split by split, atomically, in bounded memory (module docstring)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        name: str,
+        version: str,
+        classes: Sequence[str],
+        modalities: Mapping[str, ModalitySpec],
+        subsets: Sequence[str] = (),
+        description: str = "",
+        build_options: Mapping[str, Any] | None = None,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        max_batch_rows: int | None = None,
+        replace_existing: bool = True,
+    ) -> None:
+        self.target = Path(directory)
+        self.name, self.version, self.description = name, version, description
+        self.classes = list(classes)
+        self.specs = dict(modalities)
+        self.modality_order = list(self.specs)
+        self.subset_names = sorted(subsets)
+        self.build_options = dict(build_options or {})
+        self.replace_existing = replace_existing
+        self.schema = _schema(self.specs, self.subset_names)
+        self.max_rows = _rows_per_batch(self.specs, max_batch_bytes, max_batch_rows)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.infos: dict[str, SplitInfo] = {}
+        self._open: SplitWriter | None = None
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.tmp.exists():  # not finished (an error, or finish never called): leave nothing behind
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def split(self, name: str) -> SplitWriter:
+        """The writer of split ``name`` (one at a time; each split once)."""
+        if name not in SPLIT_NAMES:
+            raise DatasetFormatError(
+                f"dataset {self.name!r}: unknown split {name!r}; splits are {SPLIT_NAMES}"
+            )
+        if name in self.infos or self._open is not None:
+            raise DatasetFormatError(
+                f"dataset {self.name!r}: split {name!r} is written twice or while another is open"
+            )
+        self._open = SplitWriter(self.tmp / f"{name}.arrow", self, name)
+        return self._open
+
+    def check(self, rows: SplitArrays, split: str) -> None:
+        """Rows must match the declared modalities (dtype, shape), subsets and classes."""
+        got = {m: (a.dtype.name, tuple(a.shape[1:])) for m, a in rows.modalities.items()}
+        want = {m: (s.dtype, tuple(s.shape)) for m, s in self.specs.items()}
+        if got != want:
+            raise DatasetFormatError(
+                f"dataset {self.name!r}: split {split!r} has modalities {got}, expected {want}"
+            )
+        if sorted(rows.subsets) != self.subset_names:
+            raise DatasetFormatError(
+                f"dataset {self.name!r}: split {split!r} has subsets {sorted(rows.subsets)}, "
+                f"expected {self.subset_names}"
+            )
+        if len(rows.labels) and (rows.labels.min() < 0 or rows.labels.max() >= len(self.classes)):
+            raise DatasetFormatError(
+                f"dataset {self.name!r}: split {split!r} has labels outside 0..{len(self.classes) - 1}"
+            )
+
+    def _closed(self, split: SplitWriter) -> None:
+        self.infos[split.name] = SplitInfo(
+            file=split.path.name, rows=split.rows, ids_sha256=split.ids_digest.hexdigest()
+        )
+        self._open = None
+
+    def finish(self, *, split_protocol: str, split_seed: int | None) -> Manifest:
+        """Hash the splits from their files, write the manifest last, rename into place."""
+        missing = [s for s in SPLIT_NAMES if s not in self.infos]
+        if missing:
+            raise DatasetFormatError(
+                f"dataset {self.name!r}: splits {missing} are missing; need {list(SPLIT_NAMES)}"
+            )
+        manifest = Manifest(
+            name=self.name,
+            version=self.version,
+            description=self.description,
+            modalities=self.specs,
+            classes=self.classes,
+            split_protocol=split_protocol,
+            split_seed=split_seed,
+            splits=self.infos,
+            subsets=self.subset_names,
+            build_options=self.build_options,
+            content_sha256="",
+        )
+        digest = hashlib.sha256()
+        for split_name in SPLIT_NAMES:
+            path = self.tmp / self.infos[split_name].file
+            hash_written_split(digest, path, split_name, self.modality_order)
+        manifest = manifest.model_copy(update={"content_sha256": digest.hexdigest()})
+        path = self.tmp / MANIFEST_NAME
+        path.write_text(manifest.model_dump_json(indent=2))
+        _fsync(path)
+        if not self.replace_existing and (self.target / MANIFEST_NAME).is_file():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return read_manifest(self.target)
+        _replace_directory(self.tmp, self.target)
+        return manifest
+
+
+def hash_written_split(digest: Any, path: Path, split: str, modality_order: Sequence[str]) -> None:
+    """``format.hash_split`` of a split file read one record batch at a time with plain reads (one pass for
+    ids, labels and subsets, one per modality): the same hash, in memory of one batch, without the file's
+    pages staying mapped into the process."""
+    with pa.OSFile(str(path), "rb") as source:
+        reader = pa.ipc.open_file(source, memory_pool=pa.system_memory_pool())
+        batches = range(reader.num_record_batches)
+        ids_digest, labels, subsets, n = hashlib.sha256(), [], {}, 0
+        for i in batches:
+            batch = reader.get_batch(i)
+            for sample_id in batch.column(ID_COLUMN).to_pylist():
+                ids_digest.update(str(sample_id).encode())
+                ids_digest.update(b"\n")
+            labels.append(batch.column(LABEL_COLUMN).to_numpy().copy())  # a view would pin the batch
+            for name in batch.schema.names:
+                if name.startswith(SUBSET_PREFIX):
+                    subsets.setdefault(name[len(SUBSET_PREFIX) :], []).append(
+                        batch.column(name).to_numpy(zero_copy_only=False).astype(bool)
+                    )
+            n += batch.num_rows
+        digest.update(f"split={split};rows={n}\n".encode())
+        digest.update(ids_digest.hexdigest().encode())
+        digest.update(np.ascontiguousarray(np.concatenate(labels or [np.zeros(0)]), dtype="<i8").tobytes())
+        for name in modality_order:
+            field = reader.schema.field(name).type
+            dtype = np.dtype(field.value_type.to_pandas_dtype())
+            digest.update(f"{name}:{dtype.str}:{(n, *field.shape)}".encode())
+            for i in batches:
+                column = reader.get_batch(i).column(name)
+                values = column.storage.flatten().to_numpy(zero_copy_only=True)
+                digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
+        for name in sorted(subsets):
+            digest.update(f"subset={name}".encode())
+            digest.update(np.concatenate(subsets[name]).tobytes())
+
+
+def _rows_per_batch(specs: Mapping[str, ModalitySpec], max_bytes: int, max_rows: int | None) -> int:
+    """Rows per record batch: within ``max_bytes`` and Arrow's element limit for every column."""
+    row_bytes = sum(np.dtype(s.dtype).itemsize * int(np.prod(s.shape)) for s in specs.values()) + 16
+    row_elements = max([int(np.prod(s.shape)) for s in specs.values()] or [1])
+    rows = max(1, min(max_bytes // max(row_bytes, 1), ARROW_MAX_ELEMENTS // max(row_elements, 1)))
+    return min(rows, max_rows) if max_rows is not None else rows
