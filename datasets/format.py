@@ -292,15 +292,16 @@ class TensorColumn:
 
     ``gather`` copies only the requested rows. A file written in many record batches has one buffer per
     chunk, all inside the same memory map: with ``file_bytes`` (a uint8 view of the whole map) a gather
-    is one fancy index over a byte-strided view of the file, whatever the number of chunks, so a
-    many-chunk file reads about as fast as a one-chunk one (``benchmarks/bench_arrow_gather.py``).
+    is one fancy index over a strided view of the file (row ``p`` = the row starting at unit ``p``),
+    whatever the number of chunks, so a many-chunk file reads about as fast as a one-chunk one
+    (``benchmarks/bench_arrow_gather.py``).
     """
 
     def __init__(self, chunks: list[np.ndarray], file_bytes: np.ndarray | None = None) -> None:
         self.chunks = chunks
         sizes = [len(c) for c in chunks]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._rows = _row_windows(chunks, file_bytes) if len(chunks) > 1 else None
+        self._rows = _row_windows(chunks, self.offsets, file_bytes) if len(chunks) > 1 else None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -308,13 +309,12 @@ class TensorColumn:
     def gather(self, index: np.ndarray) -> np.ndarray:
         if len(self.chunks) == 1:
             return np.take(self.chunks[0], index, axis=0)
+        first = self.chunks[0]
+        if self._rows is not None:  # two numpy calls whatever the chunks: where each row starts, then copy
+            windows, row_start = self._rows
+            return windows[row_start[index]].view(first.dtype).reshape(len(index), *first.shape[1:])
         index = np.asarray(index, dtype=np.int64)
         which = np.searchsorted(self.offsets, index, side="right") - 1
-        first = self.chunks[0]
-        if self._rows is not None:
-            windows, starts, row_bytes = self._rows
-            raw = windows[starts[which] + (index - self.offsets[which]) * row_bytes]
-            return raw.view(first.dtype).reshape(len(index), *first.shape[1:])
         out = np.empty((len(index), *first.shape[1:]), dtype=first.dtype)
         for chunk_id in np.unique(which):
             rows = np.nonzero(which == chunk_id)[0]
@@ -333,25 +333,34 @@ class TensorColumn:
 
 
 def _row_windows(
-    chunks: list[np.ndarray], file_bytes: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """A ``(positions, row_bytes)`` uint8 view whose row ``k`` is the ``row_bytes`` bytes of the file from
-    byte ``k``, and each chunk's first byte in the file; None if a chunk lies outside the map (then
+    chunks: list[np.ndarray], offsets: np.ndarray, file_bytes: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """A strided view of the file whose row ``p`` is the ``row_bytes`` bytes starting at unit ``p`` (the
+    widest of 8, 4, 2, 1 bytes that divides the row size and every chunk's offset in the file), and
+    each dataset row's unit position in it (8 bytes a row); None if a chunk lies outside the map (then
     ``gather`` falls back to a per-chunk loop)."""
     if file_bytes is None or not all(c.flags.c_contiguous for c in chunks):
         return None
     row_bytes = chunks[0].itemsize * int(np.prod(chunks[0].shape[1:]))
-    base = file_bytes.ctypes.data
-    starts = np.array([c.ctypes.data - base for c in chunks], dtype=np.int64)
+    address = file_bytes.ctypes.data
+    starts = np.array([c.ctypes.data - address for c in chunks], dtype=np.int64)
     size = len(file_bytes)
-    if row_bytes <= 0 or size < row_bytes:
+    ends = starts + np.array([c.nbytes for c in chunks], dtype=np.int64)
+    if row_bytes <= 0 or size < row_bytes or np.any(starts < 0) or np.any(ends > size):
         return None
-    if np.any(starts < 0) or np.any(starts + np.array([c.nbytes for c in chunks]) > size):
-        return None
+    unit = next(u for u in (8, 4, 2, 1) if row_bytes % u == 0 and not np.any(starts % u) and address % u == 0)
+    units = file_bytes[: size - size % unit].view(np.dtype(f"u{unit}"))
+    row_units = row_bytes // unit
     windows = np.lib.stride_tricks.as_strided(
-        file_bytes, shape=(size - row_bytes + 1, row_bytes), strides=(1, 1), writeable=False
+        units, shape=(len(units) - row_units + 1, row_units), strides=(unit, unit), writeable=False
     )
-    return windows, starts, row_bytes
+    row_start = np.concatenate(
+        [
+            start // unit + np.arange(len(c), dtype=np.int64) * row_units
+            for start, c in zip(starts, chunks, strict=True)
+        ]
+    )
+    return windows, row_start
 
 
 class SplitData:
