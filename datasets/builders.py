@@ -22,7 +22,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from midasbench.harness.params import describe_validation_error
 from midasbench.harness.registry import Registry
 
-from .format import MANIFEST_NAME, DatasetFormatError, SplitArrays, read_manifest, write_dataset
+from .format import (
+    MANIFEST_NAME,
+    SPLIT_NAMES,
+    DatasetFormatError,
+    SplitArrays,
+    _modality_specs,
+    read_manifest,
+)
 from .splits import split_indices
 
 DATA_ROOT_ENV = "MIDASBENCH_DATA"
@@ -139,21 +146,29 @@ def write_pool(
     build_options: dict[str, Any],
     replace_existing: bool = True,
 ) -> None:
-    """Apply the split protocol to a pool and write the canonical directory."""
+    """Apply the split protocol to a pool and stream each split to the canonical directory, a record
+    batch of rows at a time (the pool's arrays may be memory maps or lazy: only those rows are read)."""
+    from .writer import DatasetWriter
+
     indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, name)
-    write_dataset(
+    head = pool.arrays.take(np.arange(min(1, len(pool.arrays.ids))))
+    with DatasetWriter(
         directory,
         name=name,
         version=version,
         classes=pool.classes,
-        splits={key: pool.arrays.take(idx) for key, idx in indices.items()},
-        split_protocol=split,
-        split_seed=split_seed if split == "midas70" else None,
-        build_options=build_options,
-        modality_kinds=pool.modality_kinds,
+        modalities=_modality_specs(head, pool.modality_kinds),
+        subsets=sorted(pool.arrays.subsets),
         description=description,
+        build_options=build_options,
         replace_existing=replace_existing,
-    )
+    ) as writer:
+        for split_name in SPLIT_NAMES:
+            rows = indices[split_name]
+            with writer.split(split_name) as out:
+                for start in range(0, len(rows), writer.max_rows):
+                    out.append(pool.arrays.take(rows[start : start + writer.max_rows]))
+        writer.finish(split_protocol=split, split_seed=split_seed if split == "midas70" else None)
 
 
 def resolve_dataset(

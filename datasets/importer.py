@@ -90,6 +90,7 @@ from .format import (
     DatasetFormatError,
     SplitArrays,
 )
+from .lazy_arrays import CastArray, FileRowsArray
 from .splits import SPLIT_PROTOCOLS
 
 LABELS_FILE = "labels.csv"
@@ -403,18 +404,25 @@ def _load_modality(entry: Path, table: LabelTable) -> tuple[str, LoadedModality]
     )
 
 
-def _stored_dtype(values: np.ndarray, path: Path) -> np.ndarray:
-    """Apply the dtype policy: float64 → float32, bool → uint8, other ints/floats unchanged."""
-    kind = values.dtype.kind
-    if values.dtype == np.float64:
-        return values.astype(np.float32)
-    if kind == "b":
-        return values.astype(np.uint8)
-    if kind in "iuf":
+def _stored_dtype(values: np.ndarray | FileRowsArray, path: Path) -> np.ndarray | CastArray | FileRowsArray:
+    """Apply the dtype policy: float64 → float32, bool → uint8, other ints/floats unchanged. A cast is
+    lazy (``CastArray``): rows are cast as they are written, never the whole array at once."""
+    target = stored_dtype(values.dtype, path)
+    if isinstance(values, FileRowsArray):
+        values.dtype = target
         return values
-    raise DatasetFormatError(
-        f"{path}: dtype {values.dtype} is not supported; store integers, floats or bools"
-    )
+    return values if target == values.dtype else CastArray(values, target)
+
+
+def stored_dtype(dtype: np.dtype, path: Path) -> np.dtype:
+    """The dtype a source dtype is stored as (module docstring, "Stored dtypes")."""
+    if dtype == np.float64:
+        return np.dtype(np.float32)
+    if dtype.kind == "b":
+        return np.dtype(np.uint8)
+    if dtype.kind in "iuf":
+        return dtype
+    raise DatasetFormatError(f"{path}: dtype {dtype} is not supported; store integers, floats or bools")
 
 
 def _load_array(path: Path, mmap: bool) -> np.ndarray:
@@ -435,9 +443,10 @@ def _load_npy(path: Path, table: LabelTable) -> tuple[np.ndarray, str]:
     return values, values.dtype.name
 
 
-def _load_folder(folder: Path, table: LabelTable) -> tuple[np.ndarray, str]:
-    out: np.ndarray | None = None
-    first: Path | None = None
+def _load_folder(folder: Path, table: LabelTable) -> tuple[FileRowsArray, str]:
+    """Check every ``<id>.npy`` from its header (shape, dtype) now; read the rows when they are written."""
+    paths: list[Path] = []
+    first: np.ndarray | None = None
     for row, sample_id in enumerate(table.ids):
         if sample_id in (".", "..") or "/" in sample_id or os.sep in sample_id:
             raise DatasetFormatError(
@@ -449,18 +458,17 @@ def _load_folder(folder: Path, table: LabelTable) -> tuple[np.ndarray, str]:
             raise DatasetFormatError(
                 f"{path}: not found ({table.where(row)}); {folder.name}/ needs one <id>.npy per id"
             )
-        value = _load_array(path, mmap=False)
-        if out is None or first is None:
-            out = np.empty((len(table.ids), *value.shape), dtype=value.dtype)
-            first = path
-        elif value.shape != out.shape[1:] or value.dtype != out.dtype:
+        value = _load_array(path, mmap=True)  # the header only
+        if first is None:
+            first = value
+        elif value.shape != first.shape or value.dtype != first.dtype:
             raise DatasetFormatError(
-                f"{path}: has shape {value.shape} and dtype {value.dtype}, but {first.name} has shape "
-                f"{out.shape[1:]} and dtype {out.dtype}; every file in {folder.name}/ must match"
+                f"{path}: has shape {value.shape} and dtype {value.dtype}, but {paths[0].name} has shape "
+                f"{first.shape} and dtype {first.dtype}; every file in {folder.name}/ must match"
             )
-        out[row] = value
-    assert out is not None  # labels.csv has at least one row
-    return out, out.dtype.name
+        paths.append(path)
+    assert first is not None  # labels.csv has at least one row
+    return FileRowsArray(paths, first.shape, first.dtype, first.dtype), first.dtype.name
 
 
 def _load_parquet(path: Path, table: LabelTable) -> tuple[np.ndarray, str]:

@@ -90,7 +90,10 @@ class SplitWriter:
     def _flush(self, count: int) -> None:
         """Write the first ``count`` pending rows as one record batch."""
         merged = _concat(self._pending)
-        head, tail = merged.take(np.arange(count)), merged.take(np.arange(count, len(merged.ids)))
+        if count == len(merged.ids):  # the usual case (pieces of a batch's size): no copy
+            head, tail = merged, merged.take(np.arange(0))
+        else:
+            head, tail = merged.take(np.arange(count)), merged.take(np.arange(count, len(merged.ids)))
         self._ipc.write_batch(_record_batch(head, self._owner.schema, self._owner.modality_order))
         self._pending = [tail] if len(tail.ids) else []
         self._pending_rows = len(tail.ids)
@@ -236,11 +239,11 @@ class DatasetWriter:
 
 
 def hash_written_split(digest: Any, path: Path, split: str, modality_order: Sequence[str]) -> None:
-    """``format.hash_split`` of a split file read one record batch at a time with plain reads (one pass for
-    ids, labels and subsets, one per modality): the same hash, in memory of one batch, without the file's
-    pages staying mapped into the process."""
-    with pa.OSFile(str(path), "rb") as source:
-        reader = pa.ipc.open_file(source, memory_pool=pa.system_memory_pool())
+    """``format.hash_split`` of a split file read one record batch at a time (one pass for ids, labels and
+    subsets, one per modality): the same hash. The file is memory-mapped, so the batches are views of the
+    page cache, not allocations (plain reads through Arrow's allocators kept freed batches resident)."""
+    with pa.memory_map(str(path), "r") as source:
+        reader = pa.ipc.open_file(source)
         batches = range(reader.num_record_batches)
         ids_digest, labels, subsets, n = hashlib.sha256(), [], {}, 0
         for i in batches:
