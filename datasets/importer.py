@@ -227,6 +227,7 @@ def load_folder(
             raise DatasetFormatError(
                 f"{entry}: modality {modality!r} is also given by {modalities[modality].source}; keep one"
             )
+        _check_finite(modality, loaded, folder / entry.name, table)
         modalities[modality] = loaded
     if not modalities:
         raise DatasetFormatError(
@@ -402,6 +403,27 @@ def _load_modality(entry: Path, table: LabelTable) -> tuple[str, LoadedModality]
     return modality, LoadedModality(
         values=_stored_dtype(values, entry), source=entry.name, form=form, source_dtype=source_dtype
     )
+
+
+def _check_finite(name: str, loaded: LoadedModality, path: Path, table: LabelTable) -> None:
+    """Refuse NaN and ±Inf in a float modality before anything is written, naming the file, the row and
+    the element: they would otherwise surface epochs later as a NaN loss that names no data."""
+    values = loaded.values
+    if values.dtype.kind != "f":
+        return
+    step = max(1, 16 * 2**20 // max(1, values.dtype.itemsize * int(np.prod(values.shape[1:]))))
+    for start in range(0, len(values), step):
+        chunk = np.asarray(values[np.arange(start, min(start + step, len(values)))])
+        bad = ~np.isfinite(chunk.reshape(len(chunk), -1))
+        if bad.any():
+            row, element = (int(i) for i in np.argwhere(bad)[0])
+            value = chunk.reshape(len(chunk), -1)[row, element]
+            position = np.unravel_index(element, chunk.shape[1:]) if chunk.ndim > 1 else ()
+            raise DatasetFormatError(
+                f"{path}: modality {name!r} holds {value} at element {tuple(int(i) for i in position)} of "
+                f"sample {table.ids[start + row]!r} ({table.where(start + row)}); NaN and Inf cannot be "
+                "trained on: fill or drop them before importing"
+            )
 
 
 def _stored_dtype(values: np.ndarray | FileRowsArray, path: Path) -> np.ndarray | CastArray | FileRowsArray:

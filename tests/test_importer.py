@@ -368,6 +368,21 @@ def test_unsupported_dtype(tmp_path: Path) -> None:
     _bad(tmp_path, ["audio.npy", "complex64"])
 
 
+@pytest.mark.parametrize("form", ["npy", "folder"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_are_refused_naming_the_file_the_sample_and_the_element(
+    tmp_path: Path, form: str, bad: float
+) -> None:
+    folder = _good(tmp_path)
+    values = np.ones((N, 2, 3), dtype=np.float64)
+    values[7, 1, 2] = bad  # labels.csv line 9 (header, then s000 on line 2)
+    (folder / "audio.npy").unlink()
+    WRITERS[form](folder, {"audio": values}, _ids())
+    source = "audio.npy" if form == "npy" else "audio"
+    expected = [source, "'audio'", f"holds {bad}", "element (1, 2)", "sample 's007'", "line 9", "NaN and Inf"]
+    _bad(tmp_path, expected)
+
+
 def test_too_few_per_class_for_midas70(tmp_path: Path) -> None:
     _good(tmp_path, n=9)
     _bad(tmp_path, ["labels.csv", "midas70", "at least 5", "'cat' has 3, 'dog' has 3, 'emu' has 3"])
