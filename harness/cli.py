@@ -111,6 +111,21 @@ def _first_line(text: str | None) -> str:
 
 
 SUMMARY_WIDTH = 100
+# a sentence ends at ". " or ") " before a capital, a backtick or "(" -- not after an abbreviation
+_SENTENCE_END = re.compile(
+    r"(?<=[.)])(?<!\bApp\.)(?<!\bFig\.)(?<!\bEq\.)(?<!\bTab\.)(?<!\bvs\.)(?<!\be\.g\.)(?<!\bi\.e\.)"
+    r"\s(?=[A-Z`(])"
+)
+
+
+def _leading_comment(text: str) -> str:
+    """A YAML file's leading ``#`` comment block as text (the preset's description)."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    return "\n".join(lines)
 
 
 def _first_sentence(text: str | None, name: str) -> str:
@@ -118,7 +133,7 @@ def _first_sentence(text: str | None, name: str) -> str:
     ``name``: label, shortened at a word to ``SUMMARY_WIDTH`` characters."""
     paragraph = " ".join((text or "").strip().split("\n\n", 1)[0].split())
     paragraph = re.sub(rf"^``{re.escape(name)}``:\s*", "", paragraph)
-    sentence = re.split(r"(?<=[.)])\s(?=[A-Z`(])", paragraph, maxsplit=1)[0]
+    sentence = re.split(_SENTENCE_END, paragraph, maxsplit=1)[0]
     return textwrap.shorten(sentence, SUMMARY_WIDTH, placeholder=" …")
 
 
@@ -157,7 +172,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from midasbench.harness.config import preset_names
 
         folder = resources.files("midasbench.harness") / "presets"
-        rows = [(n, _first_line((folder / f"{n}.yaml").read_text()).lstrip("# ")) for n in preset_names()]
+        texts = {n: _leading_comment((folder / f"{n}.yaml").read_text()) for n in preset_names()}
+        rows = [(n, _first_sentence(text, n)) for n, text in texts.items()]
     width = max((len(n) for n, _ in rows), default=0)
     for name, text in rows:
         print(f"{name:<{width}}  {text}")

@@ -120,6 +120,10 @@ def test_console_script_is_installed():
         check=True,
     ).stdout
     assert "synthetic" in out
+    # one line a preset: its description's first sentence, whole, or shortened at a word with " …"
+    lines = dict(line.split(maxsplit=1) for line in out.strip().splitlines())
+    assert lines["avdigits"].startswith("Offline audio-visual digits") and lines["avdigits"].endswith(" …")
+    assert all(text.endswith((".", " …", ")")) for text in lines.values()), lines
 
 
 def test_data_import_from_a_folder(tmp_path, capsys):
