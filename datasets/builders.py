@@ -171,6 +171,24 @@ def write_pool(
         writer.finish(split_protocol=split, split_seed=split_seed if split == "midas70" else None)
 
 
+def _check_split(directory: Path, split: str, split_seed: int, key: str) -> None:
+    """A written dataset carries its split: a config asking for another one is an error, never a run
+    that logs one protocol and is tagged with the other."""
+    manifest = read_manifest(directory)
+    seed_differs = split == "midas70" and manifest.split_seed != split_seed
+    if manifest.split_protocol != split or seed_differs:
+        held = manifest.split_protocol + (
+            f" (split_seed {manifest.split_seed})" if manifest.split_seed is not None else ""
+        )
+        wanted = split + (f" (split_seed {split_seed})" if split == "midas70" else "")
+        raise DatasetFormatError(
+            f"data.split: {key} {directory} holds split {held}, but the config asks for {wanted}; set "
+            f"data.split={manifest.split_protocol}"
+            + (f" data.split_seed={manifest.split_seed}" if manifest.split_seed is not None else "")
+            + " or import the data again with that split (`midasbench data import ... --split`)"
+        )
+
+
 def resolve_dataset(
     name: str | None,
     *,
@@ -186,7 +204,7 @@ def resolve_dataset(
     ``<root>/<name>`` (written by ``midasbench data import``).
     """
     if path is not None:
-        read_manifest(path)
+        _check_split(Path(path), split, split_seed, "data.path")
         return Path(path)
     if name is None:
         raise DatasetFormatError("data: set either data.name or data.path")
@@ -195,6 +213,7 @@ def resolve_dataset(
     data_root = Path(root) if root else default_data_root()
     imported = data_root / name
     if (imported / MANIFEST_NAME).is_file():
+        _check_split(imported, split, split_seed, "data.name")
         return imported
     raise DatasetFormatError(
         f"data.name: unknown dataset {name!r}: it is not a registered builder "

@@ -145,3 +145,28 @@ def test_data_import_from_a_folder(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "labels.csv" in err and "s0" in err
+
+
+def test_a_run_asking_for_another_split_than_the_imported_one_is_refused(tmp_path, capsys):
+    import numpy as np
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    splits = ["train"] * 12 + ["val"] * 4 + ["test"] * 4
+    rows = "".join(f"s{i},{i % 2},{s}\n" for i, s in enumerate(splits))
+    (folder / "labels.csv").write_text("id,label,split\n" + rows)
+    np.save(folder / "audio.npy", np.arange(20 * 3, dtype=np.float32).reshape(20, 3))
+    np.save(folder / "video.npy", np.arange(20 * 2, dtype=np.float32).reshape(20, 2))
+    root = str(tmp_path / "root")
+    imported = run_cli("data", "import", str(folder), "--name", "mine", "--root", root, "--split", "official")
+    assert imported == EXIT_OK
+    capsys.readouterr()
+    common = ("train", "synthetic", "data.name=mine", f"data.root={root}", "data.options={}")
+    common += ("train.epochs=1", "tracking.enabled=false", f"train.checkpoint_dir={tmp_path / 'c'}")
+    # the synthetic preset asks for its own split (official); midas70 is refused, naming both and the fix
+    code = run_cli(*common, "data.split=midas70")
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "holds split official, but the config asks for midas70 (split_seed 2)" in err
+    assert "set data.split=official" in err
+    assert run_cli(*common, "data.split=official") == EXIT_OK
