@@ -79,6 +79,21 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_data_extract(args: argparse.Namespace) -> int:
+    from midasbench.datasets import ArrowDataset
+    from midasbench.harness.config import load_config
+    from midasbench.harness.training.extract import extract_features
+
+    cfg = load_config(args.config, args.overrides)
+    path = extract_features(cfg, name=args.name, root=args.root, out=args.out)
+    _print_manifest(ArrowDataset(path))
+    print(
+        f"train heads on it: midasbench train {args.config} data.name={args.name} "
+        "'model.default_encoder={name: identity}'"
+    )
+    return EXIT_OK
+
+
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from midasbench.datasets import ArrowDataset
 
@@ -343,6 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="data root to import into (default as for build)")
     p.add_argument("--out", help="exact output directory (overrides --root)")
     p.set_defaults(func=_cmd_data_import)
+
+    p = data.add_parser(
+        "extract",
+        help="encode a dataset once with a config's encoders and store the features (the frozen track)",
+        description="Run CONFIG's encoders (model.encoders, model.init_encoders; eval mode) over every split "
+        "of its dataset and write the embeddings as dataset NAME, with the encoders and their weights' hash "
+        "in its manifest. Train heads on it with 'model.default_encoder={name: identity}'.",
+    )
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--name", required=True, help="the features' dataset name; train with data.name=NAME")
+    p.add_argument("--root", help="data root to write into (default as for build)")
+    p.add_argument("--out", help="exact output directory (overrides --root)")
+    p.set_defaults(func=_cmd_data_extract)
 
     p = data.add_parser("info", help="describe a dataset directory")
     p.add_argument("path")

@@ -170,3 +170,22 @@ def test_a_run_asking_for_another_split_than_the_imported_one_is_refused(tmp_pat
     assert "holds split official, but the config asks for midas70 (split_seed 2)" in err
     assert "set data.split=official" in err
     assert run_cli(*common, "data.split=official") == EXIT_OK
+
+
+def test_data_extract_writes_the_features_and_says_how_to_train_on_them(tmp_path, capsys):
+    code = run_cli(
+        "data",
+        "extract",
+        "synthetic",
+        f"data.root={tmp_path}",
+        "data.options={train_size: 50}",
+        "model.default_encoder.params={hidden: [], out_dim: 4}",
+        "--name",
+        "feat",
+        "--root",
+        str(tmp_path),
+    )
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "modality strong: float32[4] (features)" in out
+    assert "data.name=feat 'model.default_encoder={name: identity}'" in out

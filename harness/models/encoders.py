@@ -164,6 +164,33 @@ def build_mlp(input_shape: tuple[int, ...], input_dtype: str, params: MLPParams)
 
 
 # ---------------------------------------------------------------------------------------------------------
+# identity (the frozen-feature track)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class IdentityEncoder(nn.Module):
+    """Stored features as they are (flattened, float): for datasets of precomputed embeddings
+    (``midasbench data extract``), where only the heads train."""
+
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.out_dim = math.prod(input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(start_dim=1)
+        return x if x.is_floating_point() else x.float()
+
+
+@register_encoder(
+    "identity", params=Params, description="No parameters: stored features as they are (the frozen track)."
+)
+def build_identity(input_shape: tuple[int, ...], input_dtype: str, params: Params) -> nn.Module:
+    if not input_shape or math.prod(input_shape) == 0:
+        raise ConfigError(f"identity encoder needs a non-empty per-sample input shape, got {input_shape}")
+    return IdentityEncoder(input_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # resnet18
 # ---------------------------------------------------------------------------------------------------------
 

@@ -351,6 +351,8 @@ class TrainingRun:
             "dataset.name": m.name,
             "dataset.version": m.version,
             "dataset.content_sha256": m.content_sha256,
+            # frozen features (``midasbench data extract``) or inputs trained end to end
+            "dataset.track": "frozen-features" if "frozen_features" in m.build_options else "end-to-end",
             "split.protocol": m.split_protocol,
             "split.seed": str(m.split_seed),
             **{f"split.{s}.ids_sha256": info.ids_sha256 for s, info in m.splits.items()},
