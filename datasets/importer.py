@@ -91,7 +91,7 @@ from .format import (
     SplitArrays,
 )
 from .lazy_arrays import CastArray, FileRowsArray
-from .splits import SPLIT_PROTOCOLS
+from .splits import SPLIT_PROTOCOLS, split_indices
 
 LABELS_FILE = "labels.csv"
 CLASSES_FILE = "classes.txt"
@@ -174,6 +174,38 @@ def import_folder(
         build_options={"source": str(folder.resolve()), **options},
     )
     return directory
+
+
+def describe_import(
+    folder: str | os.PathLike[str],
+    *,
+    split: str = "midas70",
+    split_seed: int = 2,
+    classes_file: str | os.PathLike[str] | None = None,
+) -> str:
+    """What ``import_folder`` would write, checked as it would check it, without writing anything (the
+    CLI's ``--dry-run``): each modality's stored dtype and shape with its source, the modality order, the
+    rows of each split and the class counts per split."""
+    folder = Path(folder)
+    pool, options = load_folder(folder, classes_file=classes_file, require_split=split == "official")
+    if split == "midas70":
+        _check_midas70(folder / LABELS_FILE, pool)
+    indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, str(folder))
+    lines = [
+        f"would import {len(pool.arrays.ids)} samples from {folder} (split {split}"
+        + (f", split_seed {split_seed})" if split == "midas70" else ")")
+    ]
+    for position, (name, values) in enumerate(pool.arrays.modalities.items()):
+        source = options["modalities"][name]
+        lines.append(
+            f"  modality {position} {name}: {values.dtype.name}{list(values.shape[1:])} from "
+            f"{source['file']} ({source['form']}, stored from {source['source_dtype']})"
+        )
+    lines.append("  rows     " + ", ".join(f"{s} {len(indices[s])}" for s in SPLIT_NAMES))
+    for k, name in enumerate(pool.classes):
+        counts = ", ".join(f"{s} {int(np.sum(pool.arrays.labels[indices[s]] == k))}" for s in SPLIT_NAMES)
+        lines.append(f"  class {k} {name!r}: {counts}")
+    return "\n".join(lines)
 
 
 def _check_target(directory: Path, folder: Path) -> None:

@@ -65,8 +65,18 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
 
 def _cmd_data_import(args: argparse.Namespace) -> int:
     from midasbench.datasets import ArrowDataset
-    from midasbench.datasets.importer import import_folder
+    from midasbench.datasets.importer import describe_import, import_folder
 
+    if args.dry_run:
+        print(
+            describe_import(
+                Path(args.folder),
+                split=args.split,
+                split_seed=args.split_seed,
+                classes_file=args.classes_file,
+            )
+        )
+        return EXIT_OK
     path = import_folder(
         Path(args.folder),
         name=args.name,
@@ -74,6 +84,7 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None,
         split=args.split,
         split_seed=args.split_seed,
+        classes_file=args.classes_file,
     )
     _print_manifest(ArrowDataset(path))
     return EXIT_OK
@@ -357,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=2)
     p.add_argument("--root", help="data root to import into (default as for build)")
     p.add_argument("--out", help="exact output directory (overrides --root)")
+    p.add_argument(
+        "--classes-file", help="class names, one per line in class-index order (default classes.txt)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the folder and print what would be imported; write nothing",
+    )
     p.set_defaults(func=_cmd_data_import)
 
     p = data.add_parser(

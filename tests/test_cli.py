@@ -189,3 +189,26 @@ def test_data_extract_writes_the_features_and_says_how_to_train_on_them(tmp_path
     out = capsys.readouterr().out
     assert "modality strong: float32[4] (features)" in out
     assert "data.name=feat 'model.default_encoder={name: identity}'" in out
+
+
+def test_data_import_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    import numpy as np
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    labels = ["cat", "dog"] * 10
+    (folder / "labels.csv").write_text("id,label\n" + "".join(f"s{i},{y}\n" for i, y in enumerate(labels)))
+    (folder / "names.txt").write_text("dog\ncat\n")
+    np.save(folder / "video.npy", np.zeros((20, 2, 3)))
+    np.save(folder / "audio.npy", np.zeros((20, 4), dtype=np.float32))
+    root = tmp_path / "root"
+    args = ("data", "import", str(folder), "--name", "mine", "--root", str(root))
+    assert run_cli(*args, "--classes-file", str(folder / "names.txt"), "--dry-run") == EXIT_OK
+    out = capsys.readouterr().out
+    assert "would import 20 samples" in out and "split midas70, split_seed 2" in out
+    # modalities in file-name order, with their positions, stored dtypes and sources
+    assert "modality 0 audio: float32[4] from audio.npy (npy, stored from float32)" in out
+    assert "modality 1 video: float32[2, 3] from video.npy (npy, stored from float64)" in out
+    assert "rows     train 14, val 2, test 4" in out
+    assert "class 0 'dog': train 7, val 1, test 2" in out  # the classes file's order
+    assert not root.exists()
