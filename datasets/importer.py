@@ -8,6 +8,7 @@ Input folder layout
         labels.csv          required: one row per sample
         classes.txt         optional: class names, one per line, in class-index order
         audio.npy           a modality as one array, one row per labels.csv row (same order)
+        clinical.csv        a modality as a feature table (header, one row of numbers per sample)
         text.parquet        a modality as a Parquet table with columns ``id`` and ``value``
         image/              a modality as one ``<id>.npy`` file per sample
             a001.npy
@@ -17,7 +18,9 @@ Input folder layout
 ``labels.csv``
     A header row, then one row per sample. Columns (others are ignored):
 
-    - ``id`` (required): the sample id, unique, non-empty (surrounding spaces are stripped).
+    - ``id`` (optional): the sample id, unique, non-empty (surrounding spaces are stripped). Without it
+      the ids are ``row0``, ``row1``, ... and every modality is matched by row order (so only the
+      ``.npy`` and ``.csv`` forms can be used).
     - ``label`` (required): either an integer class index (every label is a non-negative integer) or a
       class name (any other text). Integer labels name the classes of ``classes.txt`` if it exists, else
       ``"0"`` .. ``"K-1"`` with ``K = max label + 1``. Class-name labels take the class order of
@@ -44,6 +47,12 @@ Modalities
       tensor column carries its own shape.
     - ``<modality>/``: a folder of ``<id>.npy`` files, one per sample id (extra files are ignored). All
       must have the same shape and dtype. Ids holding a path separator cannot use this form.
+    - ``<modality>.csv``: a header row, then one row of numbers per sample; every column but ``id`` is
+      a feature. With an ``id`` column (and ids in labels.csv) rows are matched on it, else row ``i`` is
+      labels.csv's row ``i``. Empty cells are NaN, which the import refuses.
+
+    Modalities are ordered by file name: that order is the one of ``modality: 0/1`` positions and of the
+    diagnostics (``--dry-run`` prints it).
 
     A scalar per sample is stored with shape ``(1,)``.
 
@@ -113,6 +122,7 @@ class LabelTable:
     label_kind: str
     official_split: np.ndarray | None
     classes_file: str | None
+    ids_from_order: bool = False  # labels.csv has no id column: ids are "row<k>", rows match by order
 
     def where(self, row: int) -> str:
         return f"{self.path} line {self.lines[row]}"
@@ -301,10 +311,9 @@ def read_labels(
         if header is None:
             raise DatasetFormatError(f"{path}: empty file; expected a header row with columns id, label")
         columns = [c.strip() for c in header]
-        for required in ("id", "label"):
-            if required not in columns:
-                raise DatasetFormatError(f"{path}: column {required!r} is missing; header has {columns}")
-        id_col, label_col = columns.index("id"), columns.index("label")
+        if "label" not in columns:
+            raise DatasetFormatError(f"{path}: column 'label' is missing; header has {columns}")
+        id_col, label_col = (columns.index("id") if "id" in columns else None), columns.index("label")
         split_col = columns.index("split") if "split" in columns else None
         for record in reader:
             if not any(cell.strip() for cell in record):
@@ -314,7 +323,7 @@ def read_labels(
                 raise DatasetFormatError(
                     f"{path} line {line}: has {len(record)} fields, the header has {len(columns)}"
                 )
-            sample_id = record[id_col].strip()
+            sample_id = record[id_col].strip() if id_col is not None else f"row{len(ids)}"
             label = record[label_col].strip()
             if not sample_id:
                 raise DatasetFormatError(f"{path} line {line}: field 'id' is empty")
@@ -361,6 +370,7 @@ def read_labels(
         label_kind="int" if all(_INT_RE.match(v) for v in raw_labels) else "str",
         official_split=np.asarray(splits, dtype=str) if split_col is not None else None,
         classes_file=str(classes_path) if names is not None else None,
+        ids_from_order=id_col is None,
     )
     if table.label_kind == "int":
         table.labels = np.asarray([int(v) for v in raw_labels], dtype=np.int64)
@@ -418,13 +428,16 @@ def _read_classes(path: Path) -> list[str]:
 def _load_modality(entry: Path, table: LabelTable) -> tuple[str, LoadedModality]:
     if entry.is_dir():
         modality, form = entry.name, "folder"
-        values, source_dtype = _load_folder(entry, table)
+        values, source_dtype = _load_folder(entry, _with_ids(table, entry))
     elif entry.suffix == ".npy":
         modality, form = entry.stem, "npy"
         values, source_dtype = _load_npy(entry, table)
     elif entry.suffix == ".parquet":
         modality, form = entry.stem, "parquet"
-        values, source_dtype = _load_parquet(entry, table)
+        values, source_dtype = _load_parquet(entry, _with_ids(table, entry))
+    elif entry.suffix == ".csv":
+        modality, form = entry.stem, "csv"
+        values, source_dtype = _load_csv(entry, table)
     else:
         raise DatasetFormatError(
             f"{entry}: not a modality; expected <modality>.npy, <modality>.parquet or a <modality>/ folder "
@@ -456,6 +469,52 @@ def _check_finite(name: str, loaded: LoadedModality, path: Path, table: LabelTab
                 f"sample {table.ids[start + row]!r} ({table.where(start + row)}); NaN and Inf cannot be "
                 "trained on: fill or drop them before importing"
             )
+
+
+def _with_ids(table: LabelTable, entry: Path) -> LabelTable:
+    """Forms matched on sample ids need an ``id`` column in labels.csv."""
+    if table.ids_from_order:
+        raise DatasetFormatError(
+            f"{entry}: rows of this form are matched on sample ids, but {table.path.name} has no 'id' "
+            "column (its rows are matched by order); add an id column, or use <modality>.npy / .csv"
+        )
+    return table
+
+
+def _load_csv(path: Path, table: LabelTable) -> tuple[np.ndarray, str]:
+    """A feature table: a header row, then one row of numbers per sample. With an ``id`` column rows are
+    matched on it (when labels.csv has ids), else row i is labels.csv's row i; every other column is a
+    feature. Empty cells are read as NaN (and then refused, naming the sample)."""
+    import pyarrow.csv as pcsv
+
+    try:
+        frame = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetFormatError(f"{path}: not a readable CSV file ({exc})") from exc
+    names = [n for n in frame.column_names if n != "id"]
+    if not names:
+        raise DatasetFormatError(f"{path}: no feature columns besides 'id'")
+    for name in names:
+        kind = frame.schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+            raise DatasetFormatError(f"{path}: column {name!r} holds {kind}, not numbers")
+    values = np.column_stack(
+        [frame.column(n).to_numpy(zero_copy_only=False).astype(np.float64) for n in names]
+    )
+    if "id" in frame.column_names and not table.ids_from_order:
+        position = {str(v): i for i, v in enumerate(frame.column("id").to_pylist())}
+        missing = [i for i in table.ids if i not in position]
+        if missing:
+            raise DatasetFormatError(
+                f"{path}: id {missing[0]!r} of {table.path.name} has no row ({len(missing)} missing)"
+            )
+        values = values[[position[i] for i in table.ids]]
+    elif len(values) != len(table.ids):
+        raise DatasetFormatError(
+            f"{path}: has {len(values)} rows but {table.path.name} has {len(table.ids)}; row i must be "
+            f"row i of {table.path.name} (or add an 'id' column to both)"
+        )
+    return values, "float64"
 
 
 def _stored_dtype(values: np.ndarray | FileRowsArray, path: Path) -> np.ndarray | CastArray | FileRowsArray:

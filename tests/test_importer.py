@@ -229,7 +229,7 @@ def test_missing_labels_csv(tmp_path: Path) -> None:
     _bad(tmp_path, ["labels.csv", "not found"])
 
 
-@pytest.mark.parametrize("column", ["id", "label"])
+@pytest.mark.parametrize("column", ["label"])  # id is optional (test_labels_without_ids_...)
 def test_missing_column(tmp_path: Path, column: str) -> None:
     folder = _good(tmp_path)
     header = "id,label".replace(column, "other")
@@ -400,3 +400,40 @@ def test_refuses_to_replace_a_non_dataset_directory(tmp_path: Path) -> None:
         import_folder(folder, name="x", out=tmp_path)
     with pytest.raises(DatasetFormatError, match="registered builder"):
         import_folder(folder, name="synthetic", root=tmp_path / "data")
+
+
+def test_labels_without_ids_match_modalities_by_order(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "labels.csv").write_text("label\n" + "".join(f"{NAMES[i % 3]}\n" for i in range(N)))
+    np.save(folder / "audio.npy", np.arange(N * 2, dtype=np.float32).reshape(N, 2))
+    out = import_folder(folder, name="noid", root=tmp_path / "ok")
+    train = ArrowDataset(out).split("train")
+    rows = [int(i[3:]) for i in train.ids]  # "row<k>"
+    np.testing.assert_array_equal(
+        train.columns["audio"].to_numpy()[:, 0], np.array(rows, dtype=np.float32) * 2
+    )
+    (folder / "image").mkdir()
+    _bad(tmp_path, ["image", "no 'id' column", "matched by order"])
+
+
+def test_a_feature_csv_is_a_modality_matched_on_id_or_by_order(tmp_path: Path) -> None:
+    folder = _good(tmp_path)
+    ids = _ids()
+    rows = [f"{sample_id},{k},{k * 0.5}" for k, sample_id in enumerate(ids)][::-1]  # reversed: matched on id
+    (folder / "clinical.csv").write_text("id,age,score\n" + "\n".join(rows) + "\n")
+    out = import_folder(folder, name="withcsv", root=tmp_path / "ok")
+    data = ArrowDataset(out)
+    assert (
+        data.manifest.modalities["clinical"].shape == (2,)
+        and data.manifest.modalities["clinical"].dtype == "float32"
+    )
+    train = data.split("train")
+    k = np.array([ids.index(i) for i in train.ids])
+    np.testing.assert_array_equal(
+        train.columns["clinical"].to_numpy(), np.column_stack([k, k * 0.5]).astype(np.float32)
+    )
+    (folder / "clinical.csv").write_text("id,age\n" + "\n".join(f"{i}," for i in ids) + "\n")  # empty cells
+    _bad(tmp_path, ["clinical", "holds nan", "NaN and Inf"])
+    (folder / "clinical.csv").write_text("id,age\n" + "\n".join(f"{i},old" for i in ids) + "\n")
+    _bad(tmp_path, ["clinical.csv", "column 'age'", "not numbers"])
