@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -145,13 +146,20 @@ def write_pool(
     split_seed: int,
     build_options: dict[str, Any],
     replace_existing: bool = True,
+    transform: Callable[[SplitArrays], SplitArrays] | None = None,
 ) -> None:
     """Apply the split protocol to a pool and stream each split to the canonical directory, a record
-    batch of rows at a time (the pool's arrays may be memory maps or lazy: only those rows are read)."""
+    batch of rows at a time (the pool's arrays may be memory maps or lazy: only those rows are read);
+    ``transform`` maps each batch of rows before it is written (the import's standardisation)."""
     from .writer import DatasetWriter
 
     indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, name)
-    head = pool.arrays.take(np.arange(min(1, len(pool.arrays.ids))))
+
+    def rows_of(index: np.ndarray) -> SplitArrays:
+        rows = pool.arrays.take(index)
+        return transform(rows) if transform is not None else rows
+
+    head = rows_of(np.arange(min(1, len(pool.arrays.ids))))
     with DatasetWriter(
         directory,
         name=name,
@@ -167,7 +175,7 @@ def write_pool(
             rows = indices[split_name]
             with writer.split(split_name) as out:
                 for start in range(0, len(rows), writer.max_rows):
-                    out.append(pool.arrays.take(rows[start : start + writer.max_rows]))
+                    out.append(rows_of(rows[start : start + writer.max_rows]))
         writer.finish(split_protocol=split, split_seed=split_seed if split == "midas70" else None)
 
 

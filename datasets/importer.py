@@ -80,7 +80,9 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -147,10 +149,12 @@ def import_folder(
     split: str = "midas70",
     split_seed: int = 2,
     classes_file: str | os.PathLike[str] | None = None,
+    standardize: bool = False,
 ) -> Path:
     """Validate ``folder`` (layout in the module docstring), write the canonical dataset, return its path.
 
     Everything is read and checked before the (atomic) write, so a bad input leaves nothing behind.
+    ``standardize`` rescales float modalities with training-split statistics (``standardization``).
     """
     folder = Path(folder)
     if not _NAME_RE.match(name):
@@ -173,6 +177,18 @@ def import_folder(
     pool, options = load_folder(folder, classes_file=classes_file, require_split=split == "official")
     if split == "midas70":
         _check_midas70(folder / LABELS_FILE, pool)
+    train_rows = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, name)["train"]
+    stats = {
+        m: train_statistics(v, train_rows) for m, v in pool.arrays.modalities.items() if v.dtype.kind == "f"
+    }
+    transform = None
+    if standardize:
+        options["standardize"] = {
+            m: {"mean": st.mean.tolist(), "std": st.std.tolist()} for m, st in stats.items()
+        }
+        transform = partial(_standardized, stats=stats)
+    else:
+        _warn_unscaled(stats, folder)
     write_pool(
         pool,
         directory,
@@ -182,8 +198,59 @@ def import_folder(
         split=split,
         split_seed=split_seed,
         build_options={"source": str(folder.resolve()), **options},
+        transform=transform,
     )
     return directory
+
+
+@dataclass
+class Statistics:
+    """A float modality's training-split mean and std: per element for vectors, one pair otherwise."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    max_abs: float
+
+
+def train_statistics(values: Any, rows: np.ndarray) -> Statistics:
+    """Mean and std (population, float64 sums) over the training rows, read in pieces; a zero std is 1
+    so a constant feature maps to 0 instead of NaN."""
+    vector = values.ndim == 2
+    total, squares, count, max_abs = 0.0, 0.0, 0, 0.0
+    for start in range(0, len(rows), 4096):
+        chunk = np.asarray(values[np.sort(rows[start : start + 4096])], dtype=np.float64)
+        chunk = chunk if vector else chunk.reshape(len(chunk), -1).reshape(-1, 1)
+        total = total + chunk.sum(axis=0)
+        squares = squares + np.square(chunk).sum(axis=0)
+        count += len(chunk)
+        max_abs = max(max_abs, float(np.abs(chunk).max(initial=0.0)))
+    mean = np.asarray(total / max(count, 1))
+    std = np.sqrt(np.maximum(np.asarray(squares / max(count, 1)) - np.square(mean), 0.0))
+    std = np.where(std > 0, std, 1.0)
+    return Statistics(mean=np.atleast_1d(mean), std=np.atleast_1d(std), max_abs=max_abs)
+
+
+def _standardized(rows: SplitArrays, stats: dict[str, Statistics]) -> SplitArrays:
+    modalities = dict(rows.modalities)
+    for m, st in stats.items():
+        x = modalities[m]
+        mean, std = (st.mean, st.std) if x.ndim == 2 else (st.mean[0], st.std[0])
+        modalities[m] = ((x - mean) / std).astype(x.dtype)
+    return SplitArrays(ids=rows.ids, labels=rows.labels, modalities=modalities, subsets=rows.subsets)
+
+
+UNSCALED_ABS = 100.0  # beyond this, an unstandardised float input commonly trains an MLP to chance
+
+
+def _warn_unscaled(stats: dict[str, Statistics], folder: Path) -> None:
+    for m, st in stats.items():
+        if st.max_abs > UNSCALED_ABS:
+            warnings.warn(
+                f"{folder}: modality {m!r} has training values up to {st.max_abs:.3g} in magnitude; "
+                "unstandardised inputs of that scale often train to chance: import with --standardize "
+                "(training-split statistics, stored in the manifest) or scale them yourself",
+                stacklevel=3,
+            )
 
 
 def describe_import(

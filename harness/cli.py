@@ -85,6 +85,7 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
         split=args.split,
         split_seed=args.split_seed,
         classes_file=args.classes_file,
+        standardize=args.standardize,
     )
     _print_manifest(ArrowDataset(path))
     return EXIT_OK

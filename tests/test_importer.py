@@ -437,3 +437,28 @@ def test_a_feature_csv_is_a_modality_matched_on_id_or_by_order(tmp_path: Path) -
     _bad(tmp_path, ["clinical", "holds nan", "NaN and Inf"])
     (folder / "clinical.csv").write_text("id,age\n" + "\n".join(f"{i},old" for i in ids) + "\n")
     _bad(tmp_path, ["clinical.csv", "column 'age'", "not numbers"])
+
+
+def test_standardize_uses_training_statistics_only_and_records_them(tmp_path: Path) -> None:
+    folder, _ = _folder(tmp_path, "npy", "str")  # official split column; audio float64 (N, 8)
+    rng = np.random.default_rng(5)
+    audio = rng.normal(3000.0, 50.0, size=(N, 8))  # values in the thousands
+    np.save(folder / "audio.npy", audio)
+    with pytest.warns(UserWarning, match="'audio' has training values up to .*--standardize"):
+        import_folder(folder, name="raw", root=tmp_path / "ok", split="official")
+    out = import_folder(folder, name="std", root=tmp_path / "ok", split="official", standardize=True)
+    data = ArrowDataset(out)
+    train_rows = [i for i, s in enumerate(_official()) if s == "train"]
+    stored = audio.astype(np.float32).astype(np.float64)  # statistics of the stored (float32) values
+    mean, std = stored[train_rows].mean(axis=0), stored[train_rows].std(axis=0)  # population std, train only
+    recorded = data.manifest.build_options["standardize"]["audio"]
+    np.testing.assert_allclose(recorded["mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(recorded["std"], std, rtol=1e-9)
+    assert "image" not in data.manifest.build_options["standardize"]  # integer modalities are left alone
+    for split in ("train", "test"):
+        part = data.split(split)
+        rows = [_ids().index(i) for i in part.ids]
+        expected = ((stored[rows] - mean) / std).astype(np.float32)
+        np.testing.assert_allclose(part.columns["audio"].to_numpy(), expected, rtol=1e-5, atol=1e-5)
+    train = data.split("train").columns["audio"].to_numpy()
+    np.testing.assert_allclose(train.mean(axis=0), 0, atol=1e-4)
