@@ -496,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("midasbench: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`midasbench list methods | head -1`): not a failure
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return EXIT_OK
     except Exception as exc:  # a run failed: say what, keep the traceback for --debug users
         if os.environ.get("MIDASBENCH_DEBUG"):
             raise

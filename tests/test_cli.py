@@ -212,3 +212,16 @@ def test_data_import_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys
     assert "rows     train 14, val 2, test 4" in out
     assert "class 0 'dog': train 7, val 1, test 2" in out  # the classes file's order
     assert not root.exists()
+
+
+def test_a_closed_pipe_is_not_a_failure():
+    # `midasbench list methods | head -1`: the reader leaves before the output ends
+    child = subprocess.Popen(
+        [sys.executable, "-m", "midasbench.harness.cli", "list", "methods"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.read(10)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait() == 0 and "BrokenPipeError" not in err and "Exception ignored" not in err, err
