@@ -377,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the folder and print what would be imported; write nothing",
     )
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="rescale float modalities to zero mean and unit std with training-split statistics "
+        "(stored in the manifest)",
+    )
     p.set_defaults(func=_cmd_data_import)
 
     p = data.add_parser(

@@ -225,3 +225,20 @@ def test_a_closed_pipe_is_not_a_failure():
     child.stdout.close()
     err = child.stderr.read().decode()
     assert child.wait() == 0 and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+
+
+def test_data_import_standardize_flag_reaches_the_manifest(tmp_path, capsys):
+    import numpy as np
+
+    from midasbench.datasets import ArrowDataset
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    labels = ["cat", "dog"] * 10
+    (folder / "labels.csv").write_text("id,label\n" + "".join(f"s{i},{y}\n" for i, y in enumerate(labels)))
+    np.save(folder / "audio.npy", np.arange(20 * 3, dtype=np.float32).reshape(20, 3) * 1000)
+    out = tmp_path / "out"
+    assert (
+        run_cli("data", "import", str(folder), "--name", "m", "--out", str(out), "--standardize") == EXIT_OK
+    )
+    assert set(ArrowDataset(out).manifest.build_options["standardize"]) == {"audio"}
