@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from crash_support import Crash, crash_after
 
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.tracking import flatten
@@ -20,18 +21,6 @@ from midasbench.harness.training import unimodal_runs
 from midasbench.harness.training.trainer import TrainingRun, default_checkpoint_dir, train
 
 ONE_EPOCH = "train.epochs=1"
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_after(epoch: int):
-    def callback(e, metrics, directory):
-        if e == epoch:
-            raise Crash
-
-    return callback
 
 
 def init(**sources: Path | str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from crash_support import Crash, crash_after
 from owning_method import INSTANCES, NAME, REPEAT_TAG, OwningMethod
 
 from midasbench.datasets.format import ArrowDataset
@@ -29,18 +30,6 @@ OVERRIDES = (
 def owning():
     with METHODS.temporarily(NAME, OwningMethod):
         yield
-
-
-class Crash(RuntimeError):
-    pass
-
-
-def crash_after(epoch: int):
-    def callback(e, metrics, directory):
-        if e == epoch:
-            raise Crash
-
-    return callback
 
 
 def test_owned_modules_are_switched_clipped_trained_by_their_optimizer_and_checkpointed(owning, tiny_config):
