@@ -3,12 +3,9 @@ state round trip, evaluation and requirements."""
 
 import pytest
 import torch
-import torch.nn.functional as F
-from tests_support_models import IdentityEncoder as Identity
+from tests_support_models import leading_a_batch, leading_a_model
 
-from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
-from midasbench.harness.models.fusion import ConcatFusion
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.methods import MethodContext, build_method
 from midasbench.methods.inforeg import (
@@ -20,21 +17,6 @@ from midasbench.methods.inforeg import (
 )
 
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=2, epochs=8, steps_per_epoch=2)
-
-
-def leading_a_model() -> MultimodalModel:
-    """Identity encoders, d_a = 3, d_b = 1, two classes, zero bias: s^a = (5 a_0, 5 a_1), s^b = (0, 0.5 b)."""
-    model = MultimodalModel({"a": Identity(3), "b": Identity(1)}, ConcatFusion({"a": 3, "b": 1}, 2), 2)
-    with torch.no_grad():
-        model.fusion.linear.weight.copy_(torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0.5]]))
-        model.fusion.linear.bias.zero_()
-    return model
-
-
-def leading_a_batch() -> Batch:
-    labels = torch.tensor([0, 1, 0, 1])
-    a = F.pad(F.one_hot(labels, 2).float(), (0, 1))  # a_i = e_{y_i} in R^3
-    return Batch(inputs={"a": a, "b": torch.ones(4, 1)}, labels=labels, index=torch.arange(4))
 
 
 def inforeg(**params) -> InfoReg:

@@ -4,34 +4,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from tests_support_models import IdentityEncoder as Identity
+from tests_support_models import leading_a_batch, leading_a_model
 
-from midasbench.datasets.loader import Batch
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.fusion import ConcatFusion, SumFusion
-from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.training.runtime import Runtime
 from midasbench.methods import MethodContext, build_method
 from midasbench.methods.opm import detached_scores, drop_features, drop_probabilities
 
 CONTEXT = MethodContext(modalities=("a", "b"), num_classes=2, epochs=8, steps_per_epoch=2)
-
-
-def leading_a_model() -> MultimodalModel:
-    """Encoders are identities; d_a = 3, d_b = 1, two classes, zero bias.
-    Class-y logit of a is 5 a_y (a strong); class-1 logit of b is 0.5 b (b weak)."""
-    model = MultimodalModel({"a": Identity(3), "b": Identity(1)}, ConcatFusion({"a": 3, "b": 1}, 2), 2)
-    with torch.no_grad():
-        model.fusion.linear.weight.copy_(torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0.5]]))
-        model.fusion.linear.bias.zero_()
-    return model
-
-
-def leading_a_batch() -> Batch:
-    labels = torch.tensor([0, 1, 0, 1])
-    a = F.pad(F.one_hot(labels, 2).float(), (0, 1))  # a_i = e_{y_i} in R^3
-    return Batch(inputs={"a": a, "b": torch.ones(4, 1)}, labels=labels, index=torch.arange(4))
 
 
 def opm(runtime: Runtime | None = None, **params):
