@@ -133,23 +133,12 @@ def hash_ids(ids: Sequence[str] | np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _update_content_hash(digest: Any, split: str, arrays: SplitArrays, modality_order: Sequence[str]) -> None:
-    """Logical content hash (independent of Arrow's byte layout): split, ids, labels, tensors, subsets."""
-    digest.update(f"split={split};rows={len(arrays.ids)}\n".encode())
-    digest.update(hash_ids(arrays.ids).encode())
-    digest.update(np.ascontiguousarray(arrays.labels, dtype="<i8").tobytes())
-    for name in modality_order:
-        arr = np.ascontiguousarray(arrays.modalities[name])
-        digest.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
-        digest.update(memoryview(arr).cast("B"))
-    for name in sorted(arrays.subsets):
-        digest.update(f"subset={name}".encode())
-        digest.update(np.asarray(arrays.subsets[name], dtype=bool).tobytes())
-
-
 def hash_split(digest: Any, data: SplitData) -> None:
-    """``_update_content_hash`` of a written split, fed chunk by chunk from its memory-mapped file (the
-    same bytes in the same order, so the same hash) without holding a column in memory."""
+    """Feed a written split's logical content (independent of Arrow's byte layout and of how the rows
+    are cut into record batches) into ``digest``: ``split=<name>;rows=<n>``, the ids' hash, the labels
+    as little-endian int64, per modality ``<name>:<dtype>:<shape>`` and its bytes, per subset
+    ``subset=<name>`` and its booleans. Read chunk by chunk from the memory-mapped file, so no column is
+    held in memory."""
     n = len(data.ids)
     digest.update(f"split={data.split};rows={n}\n".encode())
     digest.update(hash_ids(data.ids).encode())

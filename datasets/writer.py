@@ -29,20 +29,19 @@ import numpy as np
 import pyarrow as pa
 
 from .format import (
-    ID_COLUMN,
-    LABEL_COLUMN,
     MANIFEST_NAME,
     SPLIT_NAMES,
-    SUBSET_PREFIX,
     DatasetFormatError,
     Manifest,
     ModalitySpec,
     SplitArrays,
+    SplitData,
     SplitInfo,
     _fsync,
     _record_batch,
     _replace_directory,
     _schema,
+    hash_split,
     read_manifest,
 )
 
@@ -224,9 +223,8 @@ class DatasetWriter:
             content_sha256="",
         )
         digest = hashlib.sha256()
-        for split_name in SPLIT_NAMES:
-            path = self.tmp / self.infos[split_name].file
-            hash_written_split(digest, path, split_name, self.modality_order)
+        for split_name in SPLIT_NAMES:  # from the memory-mapped files: views of the page cache
+            hash_split(digest, SplitData(self.tmp / self.infos[split_name].file, manifest, split_name))
         manifest = manifest.model_copy(update={"content_sha256": digest.hexdigest()})
         path = self.tmp / MANIFEST_NAME
         path.write_text(manifest.model_dump_json(indent=2))
@@ -236,42 +234,6 @@ class DatasetWriter:
             return read_manifest(self.target)
         _replace_directory(self.tmp, self.target)
         return manifest
-
-
-def hash_written_split(digest: Any, path: Path, split: str, modality_order: Sequence[str]) -> None:
-    """``format.hash_split`` of a split file read one record batch at a time (one pass for ids, labels and
-    subsets, one per modality): the same hash. The file is memory-mapped, so the batches are views of the
-    page cache, not allocations (plain reads through Arrow's allocators kept freed batches resident)."""
-    with pa.memory_map(str(path), "r") as source:
-        reader = pa.ipc.open_file(source)
-        batches = range(reader.num_record_batches)
-        ids_digest, labels, subsets, n = hashlib.sha256(), [], {}, 0
-        for i in batches:
-            batch = reader.get_batch(i)
-            for sample_id in batch.column(ID_COLUMN).to_pylist():
-                ids_digest.update(str(sample_id).encode())
-                ids_digest.update(b"\n")
-            labels.append(batch.column(LABEL_COLUMN).to_numpy().copy())  # a view would pin the batch
-            for name in batch.schema.names:
-                if name.startswith(SUBSET_PREFIX):
-                    subsets.setdefault(name[len(SUBSET_PREFIX) :], []).append(
-                        batch.column(name).to_numpy(zero_copy_only=False).astype(bool)
-                    )
-            n += batch.num_rows
-        digest.update(f"split={split};rows={n}\n".encode())
-        digest.update(ids_digest.hexdigest().encode())
-        digest.update(np.ascontiguousarray(np.concatenate(labels or [np.zeros(0)]), dtype="<i8").tobytes())
-        for name in modality_order:
-            field = reader.schema.field(name).type
-            dtype = np.dtype(field.value_type.to_pandas_dtype())
-            digest.update(f"{name}:{dtype.str}:{(n, *field.shape)}".encode())
-            for i in batches:
-                column = reader.get_batch(i).column(name)
-                values = column.storage.flatten().to_numpy(zero_copy_only=True)
-                digest.update(memoryview(np.ascontiguousarray(values)).cast("B"))
-        for name in sorted(subsets):
-            digest.update(f"subset={name}".encode())
-            digest.update(np.concatenate(subsets[name]).tobytes())
 
 
 def _rows_per_batch(specs: Mapping[str, ModalitySpec], max_bytes: int, max_rows: int | None) -> int:
