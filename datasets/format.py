@@ -290,7 +290,7 @@ class TensorColumn:
         self.chunks = chunks
         sizes = [len(c) for c in chunks]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._rows = _row_windows(chunks, self.offsets, file_bytes) if len(chunks) > 1 else None
+        self._rows = _row_windows(chunks, file_bytes) if len(chunks) > 1 else None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -322,7 +322,7 @@ class TensorColumn:
 
 
 def _row_windows(
-    chunks: list[np.ndarray], offsets: np.ndarray, file_bytes: np.ndarray | None
+    chunks: list[np.ndarray], file_bytes: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """A strided view of the file whose row ``p`` is the ``row_bytes`` bytes starting at unit ``p`` (the
     widest of 8, 4, 2, 1 bytes that divides the row size and every chunk's offset in the file), and

@@ -154,7 +154,7 @@ def import_folder(
     """Validate ``folder`` (layout in the module docstring), write the canonical dataset, return its path.
 
     Everything is read and checked before the (atomic) write, so a bad input leaves nothing behind.
-    ``standardize`` rescales float modalities with training-split statistics (``standardization``).
+    ``standardize`` rescales float modalities with training-split statistics (``train_statistics``).
     """
     folder = Path(folder)
     if not _NAME_RE.match(name):
@@ -174,12 +174,11 @@ def import_folder(
         directory = (Path(root) if root is not None else default_data_root()) / name
     _check_target(directory, folder)
 
-    pool, options = load_folder(folder, classes_file=classes_file, require_split=split == "official")
-    if split == "midas70":
-        _check_midas70(folder / LABELS_FILE, pool)
-    train_rows = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, name)["train"]
+    pool, options, indices = _checked_split(folder, split, split_seed, classes_file)
     stats = {
-        m: train_statistics(v, train_rows) for m, v in pool.arrays.modalities.items() if v.dtype.kind == "f"
+        m: train_statistics(v, indices["train"])
+        for m, v in pool.arrays.modalities.items()
+        if v.dtype.kind == "f"
     }
     transform = None
     if standardize:
@@ -264,10 +263,7 @@ def describe_import(
     CLI's ``--dry-run``): each modality's stored dtype and shape with its source, the modality order, the
     rows of each split and the class counts per split."""
     folder = Path(folder)
-    pool, options = load_folder(folder, classes_file=classes_file, require_split=split == "official")
-    if split == "midas70":
-        _check_midas70(folder / LABELS_FILE, pool)
-    indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, str(folder))
+    pool, options, indices = _checked_split(folder, split, split_seed, classes_file)
     lines = [
         f"would import {len(pool.arrays.ids)} samples from {folder} (split {split}"
         + (f", split_seed {split_seed})" if split == "midas70" else ")")
@@ -283,6 +279,17 @@ def describe_import(
         counts = ", ".join(f"{s} {int(np.sum(pool.arrays.labels[indices[s]] == k))}" for s in SPLIT_NAMES)
         lines.append(f"  class {k} {name!r}: {counts}")
     return "\n".join(lines)
+
+
+def _checked_split(
+    folder: Path, split: str, split_seed: int, classes_file: str | os.PathLike[str] | None
+) -> tuple[Pool, dict[str, Any], dict[str, np.ndarray]]:
+    """The folder read and checked, and its rows of each split (what an import and its dry run share)."""
+    pool, options = load_folder(folder, classes_file=classes_file, require_split=split == "official")
+    if split == "midas70":
+        _check_midas70(folder / LABELS_FILE, pool)
+    indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, str(folder))
+    return pool, options, indices
 
 
 def _check_target(directory: Path, folder: Path) -> None:
@@ -588,10 +595,11 @@ def _stored_dtype(values: np.ndarray | FileRowsArray, path: Path) -> np.ndarray 
     """Apply the dtype policy: float64 → float32, bool → uint8, other ints/floats unchanged. A cast is
     lazy (``CastArray``): rows are cast as they are written, never the whole array at once."""
     target = stored_dtype(values.dtype, path)
-    if isinstance(values, FileRowsArray):
-        values.dtype = target
+    if target == values.dtype:
         return values
-    return values if target == values.dtype else CastArray(values, target)
+    if isinstance(values, FileRowsArray):  # its rows are read (and cast) as they are written anyway
+        return FileRowsArray(values.paths, values.row_shape, values.source_dtype, target)
+    return CastArray(values, target)
 
 
 def stored_dtype(dtype: np.dtype, path: Path) -> np.dtype:
