@@ -37,6 +37,8 @@ SPLIT_NAMES = ("train", "val", "test")
 SUBSET_PREFIX = "subset:"
 ID_COLUMN = "sample_id"
 LABEL_COLUMN = "label"
+# build_options key of a dataset of extracted encoder features (``midasbench data extract``)
+FROZEN_FEATURES_KEY = "frozen_features"
 
 
 class DatasetFormatError(ValueError):

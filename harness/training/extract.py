@@ -18,19 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from midasbench.datasets.builders import default_data_root
-from midasbench.datasets.format import SPLIT_NAMES, ArrowDataset, ModalitySpec, SplitArrays
+from midasbench.datasets.format import (
+    FROZEN_FEATURES_KEY,
+    SPLIT_NAMES,
+    ArrowDataset,
+    ModalitySpec,
+    SplitArrays,
+)
 from midasbench.datasets.writer import DatasetWriter
 from midasbench.harness.config import RunConfig
-from midasbench.harness.models.model import MultimodalModel, build_model, encoder_config_for
+from midasbench.harness.models.model import MultimodalModel, encoder_config_for
 from midasbench.harness.training.evaluation import encode_rows
-from midasbench.harness.training.trainer import _device, dataset_path
-from midasbench.harness.training.unimodal_runs import init_encoder_sources, load_init_encoders, state_sha256
-
-FROZEN_KEY = "frozen_features"
-TRACK_TAG = "dataset.track"
+from midasbench.harness.training.trainer import _device, build_run_model, dataset_path
+from midasbench.harness.training.unimodal_runs import state_sha256
 
 
 def frozen_provenance(
@@ -66,11 +68,7 @@ def extract_features(
     ``model.init_encoders``) and write the features as the dataset ``name``; returns its directory."""
     source = ArrowDataset(dataset_path(cfg))
     manifest = source.manifest
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, manifest)
-    tags = load_init_encoders(
-        model, cfg, manifest, init_encoder_sources(cfg.model.init_encoders, tuple(manifest.modality_names))
-    )
+    model, tags = build_run_model(cfg, manifest)  # as a training run of cfg starts it
     device = _device(cfg.train.device)
     model = model.to(device).eval()
     target = (
@@ -88,7 +86,7 @@ def extract_features(
         modalities=specs,
         subsets=manifest.subsets,
         description=f"frozen features of {manifest.name}",
-        build_options={FROZEN_KEY: frozen_provenance(cfg, source, model, tags)},
+        build_options={FROZEN_FEATURES_KEY: frozen_provenance(cfg, source, model, tags)},
     ) as writer:
         for split_name in SPLIT_NAMES:
             data = source.split(split_name)

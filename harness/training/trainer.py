@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from midasbench.datasets.builders import resolve_dataset
-from midasbench.datasets.format import ArrowDataset
+from midasbench.datasets.format import FROZEN_FEATURES_KEY, ArrowDataset, Manifest
 from midasbench.datasets.loader import BatchLoader
 from midasbench.harness.config import RunConfig
 from midasbench.harness.models.fusion import fusion_is_decomposable
@@ -93,6 +93,21 @@ def check_method_requirements(cfg: RunConfig, num_modalities: int | None) -> Non
     METHODS.get(cfg.method.name).requires.check(
         cfg.method.name, cfg.model.fusion.name, fusion_is_decomposable(cfg.model.fusion.name), num_modalities
     )
+
+
+def build_run_model(
+    cfg: RunConfig, manifest: Manifest, init_sources: dict[str, str] | None = None
+) -> tuple[MultimodalModel, dict[str, str]]:
+    """The run's model as training starts it: seeded, of the model kind the config or the method asks
+    for, with ``model.init_encoders`` loaded (before the method, the device and the optimisers see it;
+    a resumed run then overwrites them from last.pt; every rank reads the same files, so replicas start
+    equal without a collective). Also the provenance tags of the loaded encoders."""
+    if init_sources is None:
+        init_sources = init_encoder_sources(cfg.model.init_encoders, tuple(manifest.modality_names))
+    ckpt.seed_everything(cfg.train.seed)
+    kind = METHODS.get(cfg.method.name).requires.resolve_model_kind(cfg.method.name, cfg.model.kind)
+    model = build_model(cfg.model, manifest, kind)
+    return model, load_init_encoders(model, cfg, manifest, init_sources)
 
 
 def _progress(setting: bool | str, rank: int, total: int, initial: int) -> Any:
@@ -165,7 +180,7 @@ class TrainingRun:
         self.dataset = ArrowDataset(dataset_path(cfg))
         manifest = self.dataset.manifest
         check_method_requirements(cfg, len(manifest.modality_names))
-        init_sources = init_encoder_sources(cfg.model.init_encoders, tuple(manifest.modality_names))
+        init_sources = init_encoder_sources(cfg.model.init_encoders, tuple(manifest.modality_names))  # early
         self.train_split, self.val_split, self.test_split = (
             self.dataset.split(s) for s in ("train", "val", "test")
         )
@@ -185,13 +200,7 @@ class TrainingRun:
             checkpoint_dir=self.checkpoints.directory,
         )
 
-        ckpt.seed_everything(t.seed)
-        kind = METHODS.get(cfg.method.name).requires.resolve_model_kind(cfg.method.name, cfg.model.kind)
-        model = build_model(cfg.model, manifest, kind)
-        # model.init_encoders: unimodal runs' encoders, before the method, the device and the optimisers see
-        # the model (a resumed run then overwrites them from last.pt). Every rank reads the same files (and
-        # asks the MLflow store alike): the replicas start equal without a collective.
-        self.init_encoder_tags = load_init_encoders(model, cfg, manifest, init_sources)
+        model, self.init_encoder_tags = build_run_model(cfg, manifest, init_sources)
         self.loader = BatchLoader(
             self.train_split, t.batch_size, shuffle=True, seed=t.seed, rank=rank, world_size=world_size
         )
@@ -352,7 +361,7 @@ class TrainingRun:
             "dataset.version": m.version,
             "dataset.content_sha256": m.content_sha256,
             # frozen features (``midasbench data extract``) or inputs trained end to end
-            "dataset.track": "frozen-features" if "frozen_features" in m.build_options else "end-to-end",
+            "dataset.track": "frozen-features" if FROZEN_FEATURES_KEY in m.build_options else "end-to-end",
             "split.protocol": m.split_protocol,
             "split.seed": str(m.split_seed),
             **{f"split.{s}.ids_sha256": info.ids_sha256 for s, info in m.splits.items()},
