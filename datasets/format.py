@@ -6,7 +6,8 @@ Layout of a dataset directory::
                              per-split row counts and id hashes, subsets, content hash
     <dir>/train.arrow        columns: sample_id (string), label (int64), one fixed-shape tensor column per
     <dir>/val.arrow          modality, and optional boolean ``subset:<name>`` columns (ground-truth masks)
-    <dir>/test.arrow
+    <dir>/test.arrow        each ``variable_length`` modality (sequences padded to ``shape[0]``) has an int32
+                             ``length:<name>`` column: each row's valid length along the first axis
 
 Arrow IPC files are written uncompressed so that reading is a memory map with zero-copy views into torch
 (stack.md §4: 3-6 GB/s warm, against 1.2 GB/s for Parquet decode). Writes are atomic: everything goes to a
@@ -35,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLIT_NAMES = ("train", "val", "test")
 SUBSET_PREFIX = "subset:"
+LENGTH_PREFIX = "length:"
 ID_COLUMN = "sample_id"
 LABEL_COLUMN = "label"
 # build_options key of a dataset of extracted encoder features (``midasbench data extract``)
@@ -46,12 +48,17 @@ class DatasetFormatError(ValueError):
 
 
 class ModalitySpec(BaseModel):
-    """One modality's per-sample tensor: dtype (numpy name) and shape, plus a free-form kind."""
+    """One modality's per-sample tensor: dtype (numpy name) and shape, plus a free-form kind.
+
+    ``variable_length``: each row is a sequence along its first axis, padded to ``shape[0]``, whose
+    valid length is stored per row (``SplitArrays.lengths``, column ``length:<name>``); batches are
+    trimmed to their longest row and encoders get the lengths, so no padding heuristic is needed."""
 
     model_config = ConfigDict(extra="forbid")
     dtype: str
     shape: tuple[int, ...]
     kind: str = "tensor"
+    variable_length: bool = False
 
 
 class SplitInfo(BaseModel):
@@ -89,12 +96,15 @@ class Manifest(BaseModel):
 
 @dataclass
 class SplitArrays:
-    """One split held in memory, ready to be written: row ``i`` of every array is sample ``ids[i]``."""
+    """One split held in memory, ready to be written: row ``i`` of every array is sample ``ids[i]``.
+    ``lengths`` holds, for each variable-length modality, every row's valid length along its first
+    axis (the rest of the row is padding)."""
 
     ids: np.ndarray
     labels: np.ndarray
     modalities: dict[str, np.ndarray]
     subsets: dict[str, np.ndarray] = field(default_factory=dict)
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids).astype(str)
@@ -116,6 +126,9 @@ class SplitArrays:
         for name, arr in self.subsets.items():
             if np.asarray(arr).shape != (n,):
                 raise DatasetFormatError(f"subset {name!r} has shape {np.shape(arr)}, expected ({n},)")
+        self.lengths = {k: np.asarray(v, dtype=np.int64) for k, v in self.lengths.items()}
+        for name, lengths in self.lengths.items():
+            _check_lengths(name, lengths, self.modalities.get(name), n)
 
     def take(self, index: np.ndarray) -> SplitArrays:
         return SplitArrays(
@@ -123,6 +136,23 @@ class SplitArrays:
             labels=self.labels[index],
             modalities={k: v[index] for k, v in self.modalities.items()},
             subsets={k: np.asarray(v)[index] for k, v in self.subsets.items()},
+            lengths={k: v[index] for k, v in self.lengths.items()},
+        )
+
+
+def _check_lengths(name: str, lengths: np.ndarray, values: np.ndarray | None, n: int) -> None:
+    """A variable-length modality's lengths: one a row, each within 1..its padded length."""
+    if values is None:
+        raise DatasetFormatError(f"lengths are given for {name!r}, which is not a modality")
+    if lengths.shape != (n,):
+        raise DatasetFormatError(f"lengths of modality {name!r} have shape {lengths.shape}, expected ({n},)")
+    if values.ndim < 2:
+        raise DatasetFormatError(f"modality {name!r} has lengths but no sequence axis (shape {values.shape})")
+    bad = np.nonzero((lengths < 1) | (lengths > values.shape[1]))[0]
+    if len(bad):
+        raise DatasetFormatError(
+            f"modality {name!r}: row {int(bad[0])} has length {int(lengths[bad[0]])}, outside "
+            f"1..{values.shape[1]} (the padded length)"
         )
 
 
@@ -153,6 +183,9 @@ def hash_split(digest: Any, data: SplitData) -> None:
     for name in sorted(data.subsets):
         digest.update(f"subset={name}".encode())
         digest.update(np.asarray(data.subsets[name], dtype=bool).tobytes())
+    for name in sorted(data.lengths):  # only variable-length datasets: older hashes are unchanged
+        digest.update(f"length={name}".encode())
+        digest.update(np.ascontiguousarray(data.lengths[name], dtype="<i8").tobytes())
 
 
 def _tensor_array(arr: np.ndarray) -> pa.ExtensionArray:
@@ -165,6 +198,7 @@ def _schema(specs: Mapping[str, ModalitySpec], subset_names: Sequence[str]) -> p
         value_type = pa.from_numpy_dtype(np.dtype(spec.dtype))
         fields.append(pa.field(name, pa.fixed_shape_tensor(value_type, list(spec.shape))))
     fields += [pa.field(SUBSET_PREFIX + name, pa.bool_()) for name in subset_names]
+    fields += [pa.field(LENGTH_PREFIX + name, pa.int32()) for name, s in specs.items() if s.variable_length]
     return pa.schema(fields)
 
 
@@ -175,6 +209,11 @@ def _record_batch(arrays: SplitArrays, schema: pa.Schema, modality_order: Sequen
     ]
     columns += [_tensor_array(arrays.modalities[name]) for name in modality_order]
     columns += [pa.array(np.asarray(arrays.subsets[name], dtype=bool)) for name in sorted(arrays.subsets)]
+    columns += [
+        pa.array(arrays.lengths[name].astype(np.int32), type=pa.int32())
+        for name in modality_order
+        if name in arrays.lengths
+    ]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
@@ -183,7 +222,12 @@ def _modality_specs(split: SplitArrays, kinds: Mapping[str, str] | None) -> dict
     specs = {}
     for name, arr in split.modalities.items():
         shape = tuple(int(s) for s in arr.shape[1:])
-        specs[name] = ModalitySpec(dtype=arr.dtype.name, shape=shape, kind=kinds.get(name, "tensor"))
+        specs[name] = ModalitySpec(
+            dtype=arr.dtype.name,
+            shape=shape,
+            kind=kinds.get(name, "tensor"),
+            variable_length=name in split.lengths,
+        )
     return specs
 
 
@@ -387,6 +431,13 @@ class SplitData:
             name: table.column(SUBSET_PREFIX + name).to_numpy(zero_copy_only=False).astype(bool)
             for name in manifest.subsets
         }
+        self.lengths: dict[str, np.ndarray] = {}
+        for name, spec in manifest.modalities.items():
+            if spec.variable_length:
+                if LENGTH_PREFIX + name not in table.column_names:
+                    raise DatasetFormatError(f"{path}: column {LENGTH_PREFIX + name!r} is missing")
+                column = table.column(LENGTH_PREFIX + name).to_numpy(zero_copy_only=False)
+                self.lengths[name] = column.astype(np.int64)
         self._source = source  # keeps the memory map alive as long as the views
 
     def __len__(self) -> int:

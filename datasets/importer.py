@@ -46,7 +46,10 @@ Modalities
       the Parquet schema metadata (e.g. ``{"shape": "[3, 32, 32]"}``), else kept 1-D; a fixed-shape
       tensor column carries its own shape.
     - ``<modality>/``: a folder of ``<id>.npy`` files, one per sample id (extra files are ignored). All
-      must have the same shape and dtype. Ids holding a path separator cannot use this form.
+      must have the same dtype and the same shape — or the same shape but for the first axis: then the
+      modality is **variable-length** (sequences of frames or tokens): rows are zero-padded to the
+      longest, each row's length is stored, and encoders mask the padding (``format.ModalitySpec``).
+      Ids holding a path separator cannot use this form.
     - ``<modality>.csv``: a header row, then one row of numbers per sample; every column but ``id`` is
       a feature. With an ``id`` column (and ids in labels.csv) rows are matched on it, else row ``i`` is
       labels.csv's row ``i``. Empty cells are NaN, which the import refuses.
@@ -138,6 +141,7 @@ class LoadedModality:
     source: str
     form: str
     source_dtype: str
+    lengths: np.ndarray | None = None  # a variable-length modality's row lengths
 
 
 def import_folder(
@@ -176,7 +180,7 @@ def import_folder(
 
     pool, options, indices = _checked_split(folder, split, split_seed, classes_file)
     stats = {
-        m: train_statistics(v, indices["train"])
+        m: train_statistics(v, indices["train"], pool.arrays.lengths.get(m))
         for m, v in pool.arrays.modalities.items()
         if v.dtype.kind == "f"
     }
@@ -211,13 +215,16 @@ class Statistics:
     max_abs: float
 
 
-def train_statistics(values: Any, rows: np.ndarray) -> Statistics:
+def train_statistics(values: Any, rows: np.ndarray, lengths: np.ndarray | None = None) -> Statistics:
     """Mean and std (population, float64 sums) over the training rows, read in pieces; a zero std is 1
-    so a constant feature maps to 0 instead of NaN."""
-    vector = values.ndim == 2
+    so a constant feature maps to 0 instead of NaN. A variable-length modality's padding is left out."""
+    vector = values.ndim == 2 and lengths is None
     total, squares, count, max_abs = 0.0, 0.0, 0, 0.0
     for start in range(0, len(rows), 4096):
-        chunk = np.asarray(values[np.sort(rows[start : start + 4096])], dtype=np.float64)
+        picked = np.sort(rows[start : start + 4096])
+        chunk = np.asarray(values[picked], dtype=np.float64)
+        if lengths is not None:  # the valid steps of each row only
+            chunk = np.concatenate([c[:n] for c, n in zip(chunk, lengths[picked], strict=True)])
         chunk = chunk if vector else chunk.reshape(len(chunk), -1).reshape(-1, 1)
         total = total + chunk.sum(axis=0)
         squares = squares + np.square(chunk).sum(axis=0)
@@ -235,7 +242,9 @@ def _standardized(rows: SplitArrays, stats: dict[str, Statistics]) -> SplitArray
         x = modalities[m]
         mean, std = (st.mean, st.std) if x.ndim == 2 else (st.mean[0], st.std[0])
         modalities[m] = ((x - mean) / std).astype(x.dtype)
-    return SplitArrays(ids=rows.ids, labels=rows.labels, modalities=modalities, subsets=rows.subsets)
+    return SplitArrays(
+        ids=rows.ids, labels=rows.labels, modalities=modalities, subsets=rows.subsets, lengths=rows.lengths
+    )
 
 
 UNSCALED_ABS = 100.0  # beyond this, an unstandardised float input commonly trains an MLP to chance
@@ -354,6 +363,7 @@ def load_folder(
         ids=np.asarray(table.ids, dtype=str),
         labels=table.labels,
         modalities={k: v.values for k, v in modalities.items()},
+        lengths={k: v.lengths for k, v in modalities.items() if v.lengths is not None},
     )
     options: dict[str, Any] = {
         "labels": {"kind": table.label_kind, "classes_file": table.classes_file},
@@ -519,8 +529,13 @@ def _load_modality(entry: Path, table: LabelTable) -> tuple[str, LoadedModality]
         )
     if modality in (ID_COLUMN, LABEL_COLUMN) or modality.startswith(SUBSET_PREFIX) or not modality:
         raise DatasetFormatError(f"{entry}: modality name {modality!r} is reserved; rename the file")
+    lengths = values.lengths if isinstance(values, FileRowsArray) else None
     return modality, LoadedModality(
-        values=_stored_dtype(values, entry), source=entry.name, form=form, source_dtype=source_dtype
+        values=_stored_dtype(values, entry),
+        source=entry.name,
+        form="folder (variable length)" if lengths is not None else form,
+        source_dtype=source_dtype,
+        lengths=lengths,
     )
 
 
@@ -598,7 +613,7 @@ def _stored_dtype(values: np.ndarray | FileRowsArray, path: Path) -> np.ndarray 
     if target == values.dtype:
         return values
     if isinstance(values, FileRowsArray):  # its rows are read (and cast) as they are written anyway
-        return FileRowsArray(values.paths, values.row_shape, values.source_dtype, target)
+        return FileRowsArray(values.paths, values.row_shape, values.source_dtype, target, values.lengths)
     return CastArray(values, target)
 
 
@@ -632,8 +647,10 @@ def _load_npy(path: Path, table: LabelTable) -> tuple[np.ndarray, str]:
 
 
 def _load_folder(folder: Path, table: LabelTable) -> tuple[FileRowsArray, str]:
-    """Check every ``<id>.npy`` from its header (shape, dtype) now; read the rows when they are written."""
+    """Check every ``<id>.npy`` from its header (shape, dtype) now; read the rows when they are written.
+    Files that differ only in their first axis make a variable-length modality."""
     paths: list[Path] = []
+    shapes: list[tuple[int, ...]] = []
     first: np.ndarray | None = None
     for row, sample_id in enumerate(table.ids):
         if sample_id in (".", "..") or "/" in sample_id or os.sep in sample_id:
@@ -649,14 +666,22 @@ def _load_folder(folder: Path, table: LabelTable) -> tuple[FileRowsArray, str]:
         value = _load_array(path, mmap=True)  # the header only
         if first is None:
             first = value
-        elif value.shape != first.shape or value.dtype != first.dtype:
+        elif value.dtype != first.dtype or value.shape[1:] != first.shape[1:] or value.ndim == 0:
             raise DatasetFormatError(
                 f"{path}: has shape {value.shape} and dtype {value.dtype}, but {paths[0].name} has shape "
-                f"{first.shape} and dtype {first.dtype}; every file in {folder.name}/ must match"
+                f"{first.shape} and dtype {first.dtype}; every file in {folder.name}/ must match (only "
+                "the first axis may differ, for sequences)"
             )
+        if value.ndim and value.shape[0] == 0:
+            raise DatasetFormatError(f"{path}: an empty sequence (shape {value.shape}); a row needs a step")
         paths.append(path)
+        shapes.append(value.shape)
     assert first is not None  # labels.csv has at least one row
-    return FileRowsArray(paths, first.shape, first.dtype, first.dtype), first.dtype.name
+    if all(shape == first.shape for shape in shapes):
+        return FileRowsArray(paths, first.shape, first.dtype, first.dtype), first.dtype.name
+    lengths = np.array([shape[0] for shape in shapes], dtype=np.int64)
+    row_shape = (int(lengths.max()), *first.shape[1:])
+    return FileRowsArray(paths, row_shape, first.dtype, first.dtype, lengths), first.dtype.name
 
 
 def _load_parquet(path: Path, table: LabelTable) -> tuple[np.ndarray, str]:

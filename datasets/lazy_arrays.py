@@ -47,15 +47,22 @@ class CastArray:
 
 class FileRowsArray:
     """Row ``i`` is the array in ``paths[i]`` (all of ``row_shape`` and ``source_dtype``, checked up
-    front from their headers), stored as ``dtype``."""
+    front from their headers), stored as ``dtype``. With ``lengths`` (a variable-length modality), file
+    ``i`` holds ``lengths[i]`` steps along the first axis and is zero-padded to ``row_shape[0]``."""
 
     def __init__(
-        self, paths: Sequence[Path], row_shape: tuple[int, ...], source_dtype: np.dtype, dtype: np.dtype
+        self,
+        paths: Sequence[Path],
+        row_shape: tuple[int, ...],
+        source_dtype: np.dtype,
+        dtype: np.dtype,
+        lengths: np.ndarray | None = None,
     ) -> None:
         self.paths = list(paths)
         self.row_shape = tuple(row_shape) if row_shape else (1,)
         self.source_dtype = np.dtype(source_dtype)
         self.dtype = np.dtype(dtype)
+        self.lengths = lengths
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -70,7 +77,12 @@ class FileRowsArray:
 
     def __getitem__(self, rows: np.ndarray) -> np.ndarray:
         index = np.atleast_1d(np.asarray(rows, dtype=np.int64))
-        out = np.empty((len(index), *self.row_shape), dtype=self.dtype)
+        if self.lengths is None:
+            out = np.empty((len(index), *self.row_shape), dtype=self.dtype)
+            for k, row in enumerate(index):
+                out[k] = np.load(self.paths[row], allow_pickle=False).reshape(self.row_shape)
+            return out
+        out = np.zeros((len(index), *self.row_shape), dtype=self.dtype)
         for k, row in enumerate(index):
-            out[k] = np.load(self.paths[row], allow_pickle=False).reshape(self.row_shape)
+            out[k, : self.lengths[row]] = np.load(self.paths[row], allow_pickle=False)
         return out

@@ -7,12 +7,18 @@ run would. An epoch is an ``EpochPlan``: the global row order (and optional per-
 "keep modality m") decided once, identically on every rank, *before* sharding; under data-parallel
 training each rank then takes a strided, equal-length share (as ``DistributedSampler`` does, padding by
 wrapping around), so every rank runs the same number of steps.
+
+Batches are gathered on the host in the stored dtypes (uint8 frames and fp16 spectrograms are sent to
+the device as they are; ``datasets/device_feed.py`` casts and transforms them there). A variable-length
+modality's batch is trimmed to its longest row, and the rows' lengths travel with the inputs
+(``ModalityInputs.lengths``) to the encoders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,25 +26,79 @@ import torch
 from .format import SplitData, as_torch
 
 
+class ModalityInputs(dict):
+    """A batch's tensor per modality, and for each variable-length modality every row's valid length
+    (``lengths[m]``, int64, one per row; the rest of the row is padding). ``model.encode`` hands the
+    lengths to the encoders; it refuses a variable-length modality whose lengths are missing, so inputs
+    rebuilt as a plain dict fail loudly: re-index rows with ``rows`` and swap values with ``replace``,
+    which keep each modality's lengths with its rows."""
+
+    def __init__(
+        self,
+        values: Mapping[str, torch.Tensor] | None = None,
+        lengths: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(values or {})
+        self.lengths: dict[str, torch.Tensor] = dict(lengths or {})
+
+    @classmethod
+    def of(cls, inputs: Mapping[str, torch.Tensor]) -> ModalityInputs:
+        """``inputs`` itself if it already is one (lengths kept), else its tensors without lengths."""
+        return inputs if isinstance(inputs, ModalityInputs) else cls(inputs)
+
+    def rows(self, index: Mapping[str, torch.Tensor]) -> ModalityInputs:
+        """Modality ``m``'s rows ``index[m]`` (others unchanged), its lengths re-indexed alike."""
+        values = {m: (x[index[m]] if m in index else x) for m, x in self.items()}
+        lengths = {m: (v[index[m]] if m in index else v) for m, v in self.lengths.items()}
+        return ModalityInputs(values, lengths)
+
+    def replace(self, values: Mapping[str, torch.Tensor]) -> ModalityInputs:
+        """The same inputs with some modalities' tensors replaced (same rows, so the same lengths)."""
+        return ModalityInputs({**self, **values}, self.lengths)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> ModalityInputs:
+        return ModalityInputs(
+            {m: x.to(device, non_blocking=non_blocking) for m, x in self.items()},
+            {m: v.to(device, non_blocking=non_blocking) for m, v in self.lengths.items()},
+        )
+
+    def pin_memory(self) -> ModalityInputs:
+        return ModalityInputs(
+            {m: x.pin_memory() for m, x in self.items()}, {m: v.pin_memory() for m, v in self.lengths.items()}
+        )
+
+
 @dataclass
 class Batch:
-    """Inputs per modality, labels, each row's index in its split, and the rows' epoch-plan tags."""
+    """Inputs per modality (with variable-length modalities' lengths), labels, each row's index in its
+    split, and the rows' epoch-plan tags."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: ModalityInputs
     labels: torch.Tensor
     index: torch.Tensor
     tags: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.inputs, ModalityInputs):
+            self.inputs = ModalityInputs(self.inputs)
+
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+    def _map(self, move: Any) -> Batch:
         return Batch(
-            inputs={k: v.to(device, non_blocking=non_blocking) for k, v in self.inputs.items()},
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            index=self.index.to(device, non_blocking=non_blocking),
-            tags=None if self.tags is None else self.tags.to(device, non_blocking=non_blocking),
+            inputs=move(self.inputs),
+            labels=move(self.labels),
+            index=move(self.index),
+            tags=None if self.tags is None else move(self.tags),
         )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Batch:
+        """A copy in page-locked host memory, so the copy to a GPU can run while it computes."""
+        return self._map(lambda t: t.pin_memory())
 
 
 @dataclass(frozen=True)
@@ -141,17 +201,26 @@ def epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 def gather_batch(split: SplitData, rows: np.ndarray, tags: np.ndarray | None = None) -> Batch:
     """Copy ``rows`` of every column into a batch. Rows are read in sorted order for locality; the tags
-    (and repeated rows) follow their rows, so the batch holds exactly the plan's (row, tag) pairs."""
+    (and repeated rows) follow their rows, so the batch holds exactly the plan's (row, tag) pairs.
+
+    Values keep their stored dtype (float64 excepted, made float32 here, halving what is sent); a
+    variable-length modality is cut to the batch's longest row and carries its lengths."""
     order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")
     rows = np.asarray(rows, dtype=np.int64)[order]
-    inputs = {}
+    values, lengths = {}, {}
     for name, column in split.columns.items():
-        values = column.gather(rows)
-        if values.dtype == np.float16 or values.dtype == np.float64:
-            values = values.astype(np.float32)
-        inputs[name] = as_torch(values)
+        array = column.gather(rows)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        if name in split.lengths:
+            row_lengths = split.lengths[name][rows]
+            longest = int(row_lengths.max()) if len(rows) else 0
+            if longest < array.shape[1]:
+                array = np.ascontiguousarray(array[:, :longest])
+            lengths[name] = torch.from_numpy(row_lengths)
+        values[name] = as_torch(array)
     return Batch(
-        inputs=inputs,
+        inputs=ModalityInputs(values, lengths),
         labels=torch.from_numpy(split.labels[rows]),
         index=torch.from_numpy(rows),
         tags=None if tags is None else torch.from_numpy(np.asarray(tags, dtype=np.int64)[order]),

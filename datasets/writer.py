@@ -119,6 +119,7 @@ def _concat(parts: list[SplitArrays]) -> SplitArrays:
         labels=np.concatenate([p.labels for p in parts]),
         modalities={m: np.concatenate([p.modalities[m] for p in parts]) for m in first.modalities},
         subsets={s: np.concatenate([np.asarray(p.subsets[s]) for p in parts]) for s in first.subsets},
+        lengths={m: np.concatenate([p.lengths[m] for p in parts]) for m in first.lengths},
     )
 
 
@@ -185,6 +186,12 @@ class DatasetWriter:
         if got != want:
             raise DatasetFormatError(
                 f"dataset {self.name!r}: split {split!r} has modalities {got}, expected {want}"
+            )
+        variable = sorted(m for m, s in self.specs.items() if s.variable_length)
+        if sorted(rows.lengths) != variable:
+            raise DatasetFormatError(
+                f"dataset {self.name!r}: split {split!r} has lengths for {sorted(rows.lengths)}, "
+                f"expected them for the variable-length modalities {variable}"
             )
         if sorted(rows.subsets) != self.subset_names:
             raise DatasetFormatError(

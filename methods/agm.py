@@ -64,7 +64,7 @@ Departures from the official code:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import combinations
 from typing import Any
@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from midasbench.datasets.loader import Batch
+from midasbench.datasets.loader import Batch, ModalityInputs
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
 
@@ -188,7 +188,7 @@ def running_mean(mean: torch.Tensor, value: torch.Tensor, t: int) -> torch.Tenso
 
 
 def coalition_outputs(
-    model: MultimodalModel, inputs: dict[str, torch.Tensor], coalitions: Sequence[Coalition]
+    model: MultimodalModel, inputs: Mapping[str, torch.Tensor], coalitions: Sequence[Coalition]
 ) -> dict[Coalition, torch.Tensor]:
     """F(S) for each coalition: modalities outside S zeroed at the input, the whole network in eval mode,
     with gradients (§29.2). Each modality is encoded at most twice (real and zero input) and the
@@ -197,8 +197,9 @@ def coalition_outputs(
 
     def feature(m: str, present: bool) -> torch.Tensor:
         if (m, present) not in cache:
-            x = inputs[m] if present else torch.zeros_like(inputs[m])
-            cache[m, present] = model.encode({m: x}, [m])[m]
+            zeroed = {m: torch.zeros_like(inputs[m])}  # zeros of the same rows: their lengths stay
+            values = inputs if present else ModalityInputs.of(inputs).replace(zeroed)
+            cache[m, present] = model.encode(values, [m])[m]
         return cache[m, present]
 
     with eval_mode(model):
@@ -281,7 +282,7 @@ class AGM(Method):
         for m, k in zip(names[1:], used[1:], strict=True):
             fused = fused + scale_gradient(contributions[m], k)
         loss = F.cross_entropy(fused, batch.labels)
-        logs = {"loss_fused": loss.item()}
+        logs = {"loss_fused": loss.detach()}
         for i, m in enumerate(names):
             logs[f"kappa_{m}"], logs[f"ratio_{m}"], logs[f"target_{m}"] = used[i], ratio[i], target[i]
             logs[f"sigma_{m}"] = float(local_sigma[i])

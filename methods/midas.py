@@ -536,7 +536,7 @@ class Midas(Method):
         unimodal_logits = model.unimodal(features)
         unimodal_ce = torch.stack([F.cross_entropy(unimodal_logits[m], labels) for m in model.modalities])
         loss_uni = unimodal_ce.mean() if p.uni_reduction == "mean" else unimodal_ce.sum()  # Eq. 9, A3
-        logs = {"loss_unimodal": loss_uni.item()}
+        logs = {"loss_unimodal": loss_uni.detach()}
         if epoch < self.warmup_epochs:  # Algorithm 1, lines 4-8: encoders and unimodal heads only
             return StepOutput(loss=loss_uni, logs=logs)
 
@@ -561,7 +561,7 @@ class Midas(Method):
             if p.level == "feature":  # Eq. 12: reuse the aligned features
                 mixed = {m: features[m][assignment[k]] for k, m in enumerate(names)}
             else:  # Eq. 1 at the input level: encode the misaligned inputs again
-                mixed = model.encode({m: batch.inputs[m][assignment[k]] for k, m in enumerate(names)})
+                mixed = model.encode(batch.inputs.rows({m: assignment[k] for k, m in enumerate(names)}))
             logits = model.fuse(mixed)
             if p.use_hard_sample_weight:
                 swapped = swapped_modalities(self.num_modalities, shift)
@@ -603,8 +603,8 @@ class Midas(Method):
         else:  # single-class batch: no misaligned loss and no α update (spec §2.2)
             self._pending = None
         logs.update(
-            loss_align=loss_align.item(),
-            loss_misaligned=loss_mis.item(),
+            loss_align=loss_align.detach(),
+            loss_misaligned=loss_mis.detach(),
             valid_pairs=n_valid / labels.numel(),
         )
         return StepOutput(loss=loss, logs=logs)

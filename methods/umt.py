@@ -145,9 +145,13 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> FrozenTeacher:
         return super().train(False)  # the student's model.train() must not switch the teacher
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *lengths: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.encoder(x)
+            return self.encoder(x, *lengths)
+
+    @property
+    def takes_lengths(self) -> bool:
+        return bool(getattr(self.encoder, "takes_lengths", False))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
@@ -158,10 +162,11 @@ def teacher_features(
     teachers: Mapping[str, nn.Module], inputs: Mapping[str, torch.Tensor], autocast_dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     """§23.2: t^m = φ_m^teacher(x^m), no-grad, in the encoders' autocast dtype, handed back as float32."""
+    lengths = getattr(inputs, "lengths", {})
     out = {}
     for m, teacher in teachers.items():
         with _autocast(inputs[m].device, autocast_dtype):
-            out[m] = teacher(inputs[m]).float()
+            out[m] = teacher(inputs[m], *([lengths[m]] if m in lengths else [])).float()
     return out
 
 
@@ -378,6 +383,6 @@ class UMT(Method):
         fused = F.cross_entropy(model.fuse(features), batch.labels)
         targets = teacher_features(model.method_modules["teachers"], batch.inputs, model.autocast_dtype)
         distill, per_modality = distillation_loss(features, targets, self.params.distill_weight)  # §23.2
-        logs = {"loss_fused": fused.item(), "loss_distill": distill.item()}
-        logs.update({f"mse_{m}": v.item() for m, v in per_modality.items()})
+        logs = {"loss_fused": fused.detach(), "loss_distill": distill.detach()}
+        logs.update({f"mse_{m}": v.detach() for m, v in per_modality.items()})
         return StepOutput(loss=fused + distill, logs=logs)

@@ -210,17 +210,26 @@ def test_resnet18_pretrained_wrong_names_is_an_error(tmp_path: Path) -> None:
 # --- transformer -------------------------------------------------------------------------------------
 
 
-def test_transformer_padding_frames_do_not_change_features() -> None:
-    """Appending all-zero frames leaves a sample's features unchanged (masked attention + masked mean)."""
+def test_transformer_lengths_mask_the_padding_and_nothing_else() -> None:
+    """With lengths, frames past a row's length change nothing (masked attention + masked mean), whatever
+    they hold; a frame inside the length does change the features."""
     torch.manual_seed(0)
     encoder = _build("transformer", (10, 6), d_model=16, nhead=2, num_layers=2, dim_feedforward=32).eval()
     x = torch.randn(2, 6, 6)
-    padded = torch.cat([x, torch.zeros(2, 4, 6)], dim=1)
+    lengths = torch.tensor([6, 4])
+    garbage = torch.cat([x, 100 * torch.randn(2, 4, 6)], dim=1)
+    garbage[1, 4:] = 50.0  # row 1 is 4 frames long: its frames 4.. are padding too
     with torch.no_grad():
-        torch.testing.assert_close(encoder(padded), encoder(x), rtol=1e-5, atol=1e-5)
+        reference = torch.stack([encoder(x[:1]).squeeze(0), encoder(x[1:, :4]).squeeze(0)])
+        torch.testing.assert_close(encoder(garbage, lengths), reference, rtol=1e-5, atol=1e-5)
+        changed = garbage.clone()
+        changed[1, 3] += 1.0  # inside row 1's length
+        assert not torch.allclose(encoder(changed, lengths)[1], reference[1])
+        torch.testing.assert_close(encoder(changed, lengths)[0], reference[0], rtol=1e-5, atol=1e-5)
 
 
-def test_transformer_all_zero_sample_falls_back_to_plain_mean() -> None:
+def test_transformer_without_lengths_reads_every_frame_even_all_zero_ones() -> None:
+    """No padding heuristic: a real all-zero frame is data (MOSI features hold such frames)."""
     torch.manual_seed(0)
     encoder = _build("transformer", (5, 3), d_model=8, nhead=2).eval()
     x = torch.zeros(1, 5, 3)
@@ -228,7 +237,9 @@ def test_transformer_all_zero_sample_falls_back_to_plain_mean() -> None:
         out = encoder(x)
         h = encoder.encoder(encoder.input_proj(x) + encoder.pos_embedding[:, :5])
         torch.testing.assert_close(out, h.mean(dim=1))
-    assert torch.isfinite(out).all()
+        assert not torch.allclose(
+            encoder(torch.randn(1, 3, 3)), encoder(torch.cat([torch.randn(1, 3, 3), x[:, :2]], 1))
+        )
 
 
 def test_transformer_validates_heads_and_shape() -> None:

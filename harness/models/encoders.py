@@ -68,6 +68,11 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def length_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, size)`` True at each row's first ``lengths[b]`` positions (its valid frames or tokens)."""
+    return torch.arange(size, device=lengths.device)[None, :] < lengths.to(torch.long)[:, None]
+
+
 @dataclass(frozen=True)
 class EncoderStages:
     """An encoder cut into the stages a mid-fusion model (``model.kind: mmtm``) works between.
@@ -365,13 +370,15 @@ class TransformerParams(Params):
 
 
 class SequenceTransformerEncoder(nn.Module):
-    """Transformer over a padded feature sequence ``(T, D)`` with masked mean pooling.
+    """Transformer over a feature sequence ``(T, D)`` with masked mean pooling.
 
-    Frames whose features are all exactly zero are treated as padding: they are excluded as attention keys
-    and from the mean, so a sample's features do not depend on how much padding follows it. A sample that
-    is entirely zero has no valid frame; it falls back to attending to and averaging over every frame
-    (masking all keys would produce NaNs).
+    With ``lengths`` (a variable-length modality: batches trimmed to their longest row), frames past a
+    row's length are padding: excluded as attention keys and from the mean, so a sample's features do
+    not depend on how much padding follows it. Without, every frame counts: values are never guessed to
+    be padding (real features can be exactly zero).
     """
+
+    takes_lengths = True
 
     def __init__(self, seq_len: int, feat_dim: int, params: TransformerParams) -> None:
         super().__init__()
@@ -391,13 +398,12 @@ class SequenceTransformerEncoder(nn.Module):
         self.max_len = seq_len
         self.out_dim: int = params.d_model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = _to_float(x, _param_dtype(self))
         t = x.shape[1]
         if t > self.max_len:
             raise ValueError(f"sequence length {t} exceeds the encoder's maximum {self.max_len}")
-        valid = (x != 0).any(dim=-1)  # (B, T)
-        valid = valid | ~valid.any(dim=1, keepdim=True)  # all-zero sample: every frame counts
+        valid = length_mask(lengths, t) if lengths is not None else x.new_ones(x.shape[:2], dtype=torch.bool)
         h = self.input_proj(x) + self.pos_embedding[:, :t]
         h = self.encoder(h, src_key_padding_mask=~valid)
         weights = valid.unsqueeze(-1).to(h.dtype)
@@ -442,9 +448,10 @@ class HFTextParams(Params):
 class HFTextEncoder(nn.Module):
     """A ``transformers`` ``AutoModel`` on token ids, pooled to one vector per sample.
 
-    The attention mask is derived from ``pad_token_id`` because the canonical dataset format stores only
-    padded ids. With ``freeze`` the backbone's weights get no gradient and it stays in eval mode even when
-    the surrounding model trains, so a frozen encoder is a deterministic feature extractor (no dropout).
+    The attention mask comes from the rows' ``lengths`` when the modality stores them (a variable-length
+    modality), else from ``pad_token_id``. With ``freeze`` the backbone's weights get no gradient and it
+    stays in eval mode even when the surrounding model trains, so a frozen encoder is a deterministic
+    feature extractor (no dropout).
     """
 
     def __init__(self, backbone: nn.Module, pooling: str, pad_token_id: int, freeze: bool) -> None:
@@ -464,9 +471,14 @@ class HFTextEncoder(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    takes_lengths = True
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         ids = ids.long()
-        mask = (ids != self.pad_token_id).long()
+        if lengths is not None:
+            mask = length_mask(lengths, ids.shape[1]).long()
+        else:
+            mask = (ids != self.pad_token_id).long()
         hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]

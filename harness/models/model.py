@@ -14,7 +14,7 @@ with the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -42,6 +42,8 @@ class MultimodalModel(nn.Module):
         )
         self.method_modules = nn.ModuleDict()
         self.autocast_dtype: torch.dtype | None = None
+        # modalities whose rows are padded sequences: their encoders get each row's length (build_model)
+        self.variable_length: frozenset[str] = frozenset()
 
     @property
     def feature_dims(self) -> dict[str, int]:
@@ -68,16 +70,30 @@ class MultimodalModel(nn.Module):
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def encode(
-        self, inputs: dict[str, torch.Tensor], modalities: Iterable[str] | None = None
+        self, inputs: Mapping[str, torch.Tensor], modalities: Iterable[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Features per modality, float32 whatever precision the encoders ran in."""
+        """Features per modality, float32 whatever precision the encoders ran in. A variable-length
+        modality's encoder also gets its rows' lengths (``ModalityInputs.lengths``)."""
         names = self.modalities if modalities is None else list(modalities)
         out = {}
         for m in names:
             with self._encoder_autocast(inputs[m].device):
-                feature = self.encoders[m](inputs[m])
+                feature = self.encoders[m](inputs[m], *self._lengths_of(inputs, m))
             out[m] = feature.float()
         return out
+
+    def _lengths_of(self, inputs: Mapping[str, torch.Tensor], modality: str) -> tuple[torch.Tensor, ...]:
+        """``(lengths,)`` for a variable-length modality, else ``()``; missing lengths are an error, never
+        a sequence silently read with its padding."""
+        if modality not in self.variable_length:
+            return ()
+        lengths = getattr(inputs, "lengths", {})
+        if modality not in lengths:
+            raise ValueError(
+                f"modality {modality!r} holds variable-length sequences, but its inputs carry no lengths: "
+                "build them with ModalityInputs (batch.inputs.rows(...) / .replace(...)), not a plain dict"
+            )
+        return (lengths[modality],)
 
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.fusion(features)
@@ -151,10 +167,18 @@ def build_model(
         encoders[modality] = build_encoder(
             component.name, spec.shape, spec.dtype, component.params, key=f"model.encoders.{modality}.params"
         )
+        if spec.variable_length and not getattr(encoders[modality], "takes_lengths", False):
+            raise ConfigError(
+                f"model.encoders.{modality}: encoder {component.name!r} cannot read variable-length "
+                f"sequences (modality {modality!r} of dataset {manifest.name!r} has a length per row); use "
+                "an encoder that takes lengths (transformer, hf_text)"
+            )
     fusion = build_fusion(
         model_cfg.fusion.name,
         {m: enc.out_dim for m, enc in encoders.items()},
         manifest.num_classes,
         model_cfg.fusion.params,
     )
-    return entry.factory(encoders, fusion, manifest.num_classes, model_cfg, kind_params)
+    model = entry.factory(encoders, fusion, manifest.num_classes, model_cfg, kind_params)
+    model.variable_length = frozenset(m for m, s in manifest.modalities.items() if s.variable_length)
+    return model
