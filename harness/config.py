@@ -35,6 +35,25 @@ class _Section(BaseModel):
 OMIT_FROM_FINGERPRINT_AT_DEFAULT = {"fingerprint": "omit-at-default"}
 
 
+class ComponentConfig(_Section):
+    """A registry entry by name plus its parameters (validated by the entry's own schema)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModalityTransformsConfig(_Section):
+    """One modality's transforms (``datasets/transforms.py``), applied in batch on the training device."""
+
+    train: list[ComponentConfig] = Field(default_factory=list, description="on training batches, in order")
+    eval: list[ComponentConfig] = Field(
+        default_factory=list, description="on validation, test, extraction and methods' own passes"
+    )
+    normalize: dict[str, Any] | None = Field(
+        default=None, description="normalize params (mean, std or preset: imagenet) appended to both lists"
+    )
+
+
 class DataConfig(_Section):
     """Which dataset, built how, split how. ``split_seed`` is independent of the init seed."""
 
@@ -44,13 +63,11 @@ class DataConfig(_Section):
     split: Literal["official", "midas70"] = "midas70"
     split_seed: int = Field(default=2, ge=0)
     options: dict[str, Any] = Field(default_factory=dict)
-
-
-class ComponentConfig(_Section):
-    """A registry entry by name plus its parameters (validated by the entry's own schema)."""
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    transforms: dict[str, ModalityTransformsConfig] = Field(
+        default_factory=dict,
+        json_schema_extra=OMIT_FROM_FINGERPRINT_AT_DEFAULT,
+        description="per modality: train / eval transform lists and normalize (`midasbench list transforms`)",
+    )
 
 
 class ModelConfig(_Section):
@@ -126,6 +143,9 @@ class TrainConfig(_Section):
     progress: bool | Literal["auto"] = Field(default="auto", description="progress bar; auto = on a terminal")
     checkpoint_dir: str | None = None
     resume: bool = True
+    prefetch_batches: int = Field(
+        default=2, ge=0, description="batches a background thread prepares ahead (0: in the training thread)"
+    )
 
 
 class TrackingConfig(_Section):
@@ -173,6 +193,7 @@ class RunConfig(_Section):
             "train.progress",
             "train.checkpoint_dir",
             "train.resume",
+            "train.prefetch_batches",
             "method_defaults",
         ),
     ) -> str:

@@ -57,3 +57,22 @@ def resolve_component_params(cfg: RunConfig) -> None:
     method.requires.check(cfg.method.name, cfg.model.fusion.name, fusion.decomposable, None)
     kind = MODEL_KINDS.get(method.requires.resolve_model_kind(cfg.method.name, cfg.model.kind))
     parse_params(kind.params, cfg.model.kind_params, "model.kind_params")
+    resolve_transform_params(cfg)
+
+
+def resolve_transform_params(cfg: RunConfig) -> None:
+    """Every ``data.transforms`` entry exists, with validated params and defaults (recorded with the run);
+    shapes are checked against the dataset when the run builds its pipelines."""
+    from midasbench.datasets.transforms import TRANSFORMS, NormalizeParams
+
+    for modality, entry in cfg.data.transforms.items():
+        for phase in ("train", "eval"):
+            for position, component in enumerate(getattr(entry, phase)):
+                key = f"data.transforms.{modality}.{phase}[{position}]"
+                try:
+                    _resolve(component, TRANSFORMS.get(component.name).params, key)
+                except UnknownEntryError as exc:
+                    raise ConfigError(f"{key}.name: {exc}") from None
+        if entry.normalize is not None:
+            key = f"data.transforms.{modality}.normalize"
+            entry.normalize = parse_params(NormalizeParams, entry.normalize, key).model_dump(mode="json")

@@ -248,7 +248,7 @@ class AMCo(Method):
             fused = self._linear_star(model, sum(shares.values())) if self.bb else model.fuse(features)
             loss = F.cross_entropy(fused, batch.labels)
             self.step += 1
-            return StepOutput(loss=loss, logs={"loss_fused": loss.item()})
+            return StepOutput(loss=loss, logs={"loss_fused": loss.detach()})
         step = self._bb_step if self.bb else self._feature_step
         out = step(model, features, shares, batch.labels, epoch)
         self.step += 1
@@ -306,7 +306,7 @@ class AMCo(Method):
         masses: list[float],
         masked: list[bool],
     ) -> StepOutput:
-        logs = {"loss_fused": fused.item(), "loss_unimodal": unimodal.item(), "p_t": p_t}
+        logs = {"loss_fused": fused.detach(), "loss_unimodal": unimodal.detach(), "p_t": p_t}
         for m, mass, is_masked in zip(model.modalities, masses, masked, strict=True):
             logs[f"mass_{m}"] = mass
             logs[f"masked_{m}"] = float(is_masked)

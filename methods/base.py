@@ -135,11 +135,13 @@ class OptimizerSpec:
 
 @dataclass
 class StepOutput:
-    """The loss to back-propagate (main optimiser), one loss per extra optimiser, and detached scalars to
-    log (averaged over the epoch's rows by the trainer)."""
+    """The loss to back-propagate (main optimiser), one loss per extra optimiser, and scalars to log
+    (averaged over the epoch's rows by the trainer): numbers, or detached 0-d tensors left on the device
+    (``loss.detach()``, never ``.item()``), which the trainer sums there and reads once per epoch, so a
+    step never waits for the device."""
 
     loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 

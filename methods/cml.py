@@ -172,7 +172,7 @@ class CML(Method):
             per_sample = official_hinge(c_k, c_next, y_k == labels, y_next == labels, p.eps)
             reg = reg + (per_sample.sum() if p.reduction == "sum" else per_sample.mean())
         loss = ce + p.lam * self._scale() * reg  # §25.2 L = L_CE + λ R (×W, §25.9)
-        return StepOutput(loss=loss, logs={"loss_ce": ce.item(), "loss_calibration": reg.item()})
+        return StepOutput(loss=loss, logs={"loss_ce": ce.detach(), "loss_calibration": reg.detach()})
 
     def _bb_step(
         self, model: MultimodalModel, features: dict[str, torch.Tensor], labels: torch.Tensor
@@ -186,7 +186,7 @@ class CML(Method):
         ce = 0.5 * (F.cross_entropy(full, labels) + F.cross_entropy(reduced, labels))
         reg = bb_hinge(confidence(full)[0], confidence(reduced)[0], p.reduction)
         loss = ce + p.lam * self._scale() * reg
-        return StepOutput(loss=loss, logs={"loss_ce": ce.item(), "loss_calibration": reg.item()})
+        return StepOutput(loss=loss, logs={"loss_ce": ce.detach(), "loss_calibration": reg.detach()})
 
     # ---- state kept across steps: the generator and the BB form's removed modality
     def state_dict(self) -> dict[str, Any]:

@@ -105,7 +105,7 @@ class DGL(Method):
         features = model.encode(batch.inputs)
         fused, unimodal = dgl_losses(model, features, batch.labels)
         loss = fused + self.params.alpha * sum(unimodal.values())  # §33.1: the single DDP backward
-        logs = {"loss_fused": fused.item(), **{f"loss_uni_{m}": v.item() for m, v in unimodal.items()}}
+        logs = {"loss_fused": fused.detach(), **{f"loss_uni_{m}": v.detach() for m, v in unimodal.items()}}
         return StepOutput(loss=loss, logs=logs)
 
     def after_backward(self, model: MultimodalModel, epoch: int) -> None:

@@ -248,7 +248,7 @@ class GBlending(Method):
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         features = model.encode(batch.inputs)
         loss, parts = blended_loss(model.fuse(features), model.unimodal(features), batch.labels, self.weights)
-        logs = {f"loss_{k}": ce.item() for k, ce in parts.items()}
+        logs = {f"loss_{k}": ce.detach() for k, ce in parts.items()}
         return StepOutput(loss=loss, logs=logs)
 
     # ---- the weights (§26.3)

@@ -209,7 +209,7 @@ class InfoReg(Method):
             scores.double().cpu().tolist(), p.first_coefficient, p.second_coefficient
         )
         self.betas = [b if self.window_open(m) else 0.0 for m, b in zip(self.modalities, betas, strict=True)]
-        logs = {"loss_fused": fused.item(), **{f"loss_{m}": v.item() for m, v in unimodal.items()}}
+        logs = {"loss_fused": fused.detach(), **{f"loss_{m}": v.detach() for m, v in unimodal.items()}}
         logs.update({f"beta_{m}": b for m, b in zip(self.modalities, self.betas, strict=True)})
         return StepOutput(loss=loss, logs=logs)
 

@@ -37,11 +37,11 @@ class Joint(Method):
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         features = model.encode(batch.inputs)
         fused = F.cross_entropy(model.fuse(features), batch.labels)
-        logs = {"loss_fused": fused.item()}
+        logs = {"loss_fused": fused.detach()}
         loss = fused
         if self.params.unimodal_weight > 0:
             unimodal = [F.cross_entropy(logits, batch.labels) for logits in model.unimodal(features).values()]
             uni = sum(unimodal) / len(unimodal)
             loss = loss + self.params.unimodal_weight * uni
-            logs["loss_unimodal"] = uni.item()
+            logs["loss_unimodal"] = uni.detach()
         return StepOutput(loss=loss, logs=logs)

@@ -225,7 +225,7 @@ class Lemda(Method):
         loss_reg = F.mse_loss(aug, h_d)
         loss_kl = kl_term(mu, logvar)
         loss = p.regularizer_weight * loss_reg + p.kl_weight * loss_kl
-        logs = {"loss_reg": loss_reg.item(), "loss_kl": loss_kl.item()}
+        logs = {"loss_reg": loss_reg.detach(), "loss_kl": loss_kl.detach()}
         if p.consistency:
             with torch.no_grad():  # §13.2: the original side is a constant target
                 orig_logits = model.fuse(split_features(h_d, dims))
@@ -233,11 +233,11 @@ class Lemda(Method):
                 model.fuse(split_features(aug, dims)), orig_logits, p.consistency_threshold
             )
             loss = loss + p.consistency_weight * loss_cons
-            logs["loss_cons"] = loss_cons.item()
+            logs["loss_cons"] = loss_cons.detach()
         both = torch.cat([h, reverse_gradient(aug, p.adv_weight)], dim=0)  # §13.2 step 4: [h; ĥ']
         loss_task = F.cross_entropy(model.fuse(split_features(both, dims)), batch.labels.repeat(2))
         loss = loss_task + loss
-        logs["loss_task"] = loss_task.item()
+        logs["loss_task"] = loss_task.detach()
         # one loss, two optimisers: main gets ∂L/∂θ_main, the augmenter ∂L/∂θ_G (§13.2 step 5)
         return StepOutput(loss=loss, logs=logs, extra_losses={AUGMENTER: loss})
 

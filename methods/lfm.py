@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from midasbench.datasets.loader import Batch, EpochPlan, gather_batch
+from midasbench.datasets.loader import Batch, EpochPlan
 from midasbench.harness.errors import ConfigError
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.harness.params import Params
@@ -298,7 +298,7 @@ class LFM(Method):
         cls, align = self.losses(model, features, batch.labels)
         alpha_cls, alpha_align = self.alphas(epoch)
         loss = lfm_loss(cls, align, alpha_cls, alpha_align)
-        logs = {"loss_cls": cls.item(), "loss_align": align.item(), "alpha_cls": alpha_cls}
+        logs = {"loss_cls": cls.detach(), "loss_align": align.detach(), "alpha_cls": alpha_cls}
         logs["alpha_align"] = alpha_align
         return StepOutput(loss=loss, logs=logs)
 
@@ -323,7 +323,7 @@ class LFM(Method):
         if not self.learnable:
             return
         rows = self.probe()[: len(self.probe()) // 2]  # the official half batch
-        batch = gather_batch(self.runtime.train_split, rows).to(self.runtime.device)
+        batch = self.runtime.rows_batch(rows)
         params = [p for p in self.trainable_parameters(model) if p.requires_grad]
         was_training = model.training
         model.eval()  # no BatchNorm update, no dropout: the same pass on every rank

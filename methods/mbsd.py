@@ -103,10 +103,10 @@ def mbsd_loss(
     k_term = torch.stack([t[1] for t in terms]).mean()
     loss = ce_fused + ce_uni + rs_term + k_term
     logs = {
-        "loss_fused": ce_fused.item(),
-        "loss_unimodal": ce_uni.item(),
-        "loss_rs": rs_term.item(),
-        "loss_kl": k_term.item(),
+        "loss_fused": ce_fused.detach(),
+        "loss_unimodal": ce_uni.detach(),
+        "loss_rs": rs_term.detach(),
+        "loss_kl": k_term.detach(),
     }
     return loss, logs
 

@@ -237,7 +237,7 @@ class Mcr(Method):
         for kind in wanted:
             for m in model.modalities:
                 terms[kind][m] = jsd(perturbed_logits(pert, m, perms, detach_of[kind]), base)
-                logs[f"jsd_{kind}_{m}"] = terms[kind][m].item()
+                logs[f"jsd_{kind}_{m}"] = terms[kind][m].detach()
         return game_loss(terms["own"], terms["others"], terms["full"], p.reg_by, p.l), logs
 
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
@@ -253,21 +253,21 @@ class Mcr(Method):
         loss = loss_fused + p.unimodal_weight * loss_uni + loss_mipd
         logs.update(
             {
-                "loss_fused": loss_fused.item(),
-                "loss_unimodal": float(loss_uni.detach()),
-                "loss_mipd": loss_mipd.item(),
+                "loss_fused": loss_fused.detach(),
+                "loss_unimodal": loss_uni.detach(),
+                "loss_mipd": loss_mipd.detach(),
             }
         )
         if p.contrastive_weight > 0:
             stacked = torch.cat([features[m] for m in model.modalities], dim=0)  # [f^1; …; f^M]
             loss_con = supervised_nt_xent(stacked, labels.repeat(len(model.modalities)), p.temperature)
             loss = loss + p.contrastive_weight * loss_con
-            logs["loss_con"] = loss_con.item()
+            logs["loss_con"] = loss_con.detach()
         if p.ceb_weight > 0:
             joint = torch.cat([features[m] for m in model.modalities], dim=1)
             loss_ceb = F.mse_loss(model.method_modules[CEB](z.detach()), joint)  # MSE(features, q(sg(z)))
             loss = loss + p.ceb_weight * loss_ceb
-            logs["loss_ceb"] = loss_ceb.item()
+            logs["loss_ceb"] = loss_ceb.detach()
         return StepOutput(loss=loss, logs=logs)
 
     def state_dict(self) -> dict[str, Any]:

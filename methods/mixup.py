@@ -138,12 +138,12 @@ class Mixup(Method):
         mixed_logits = model.fuse(mix_features(features, perm, lam))
         targets = mixed_targets(labels, perm, lam, self.context.num_classes)
         loss_mixed = soft_cross_entropy(mixed_logits, targets)
-        logs = {"loss_mixed": loss_mixed.item(), "lambda": float(lam.float().mean())}
+        logs = {"loss_mixed": loss_mixed.detach(), "lambda": lam.float().mean()}
         loss = loss_mixed
         if p.mixup_mode == "add":
             loss_clean = F.cross_entropy(model.fuse(features).float(), labels)
             loss = loss_clean + loss_mixed
-            logs["loss_fused"] = loss_clean.item()
+            logs["loss_fused"] = loss_clean.detach()
         return StepOutput(loss=loss, logs=logs)
 
     def state_dict(self) -> dict[str, Any]:

@@ -292,7 +292,7 @@ class MLA(Method):
             detached = feature.detach()
             count = torch.full((1,), float(detached.shape[0]), device=detached.device)
             self._pending = _SubStep(m, detached.sum(dim=0), count)
-            yield StepOutput(loss=loss, logs={f"loss_{m}": loss.item()})
+            yield StepOutput(loss=loss, logs={f"loss_{m}": loss.detach()})
             self._stepped_in_batch.append(m)
         self._batch += 1
 

@@ -134,7 +134,7 @@ class MMCosine(Method):
         logs = {
             f"acc_{m}": float((s.argmax(dim=1) == batch.labels).float().mean()) for m, s in shares.items()
         }
-        return StepOutput(loss=loss, logs={"loss_fused": loss.item(), **logs})
+        return StepOutput(loss=loss, logs={"loss_fused": loss.detach(), **logs})
 
     def logits_from_features(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """§22.6: cosine logits (default), or the official code's raw linear head ``W [f] + c``."""

@@ -176,11 +176,11 @@ class MMPareto(Method):
         g_mm, g_uni = self._averaged(names, g_mm, g_uni)  # the global batch's probes (§31.9, R1)
         dots = torch.stack([dot_products(g_mm[m], g_uni[m]) for m in names])
         self._probes = {}
-        logs = {"loss_fused": loss_mm.item()}
+        logs = {"loss_fused": loss_mm.detach()}
         for m, (v11, v12, v22) in zip(names, dots.tolist(), strict=True):
             weights = pareto_weights(v11, v12, v22)
             self._probes[m] = _Probe(params[m], g_mm[m], g_uni[m], weights)
-            logs[f"loss_uni_{m}"] = loss_uni[m].item()
+            logs[f"loss_uni_{m}"] = loss_uni[m].detach()
             logs[f"w_mm_{m}"], logs[f"w_uni_{m}"] = weights.w_mm, weights.w_uni
             logs[f"conflict_{m}"], logs[f"cos_{m}"] = float(weights.conflict), weights.cos
         loss = loss_mm + sum(loss_uni.values())

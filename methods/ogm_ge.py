@@ -205,7 +205,7 @@ class OgmGe(Method):
             if self.modulating(epoch)
             else 0
         )
-        logs = {"loss_fused": loss.item(), "modulated_tensors": float(count)}
+        logs = {"loss_fused": loss.detach(), "modulated_tensors": float(count)}
         for m, k, r in zip(model.modalities, self._k, rho, strict=True):
             logs[f"k_{m}"] = k
             logs[f"ratio_{m}"] = r

@@ -170,7 +170,7 @@ class OPM(Method):
         labels = batch.labels
         if not self.modulating(epoch):  # warm-up (§7.2) and after the window: plain joint training
             loss = F.cross_entropy(model.fuse(features), labels)
-            return StepOutput(loss=loss, logs={"loss_fused": loss.item()})
+            return StepOutput(loss=loss, logs={"loss_fused": loss.detach()})
 
         p = self.params
         scores = modality_scores(detached_scores(model.fusion, features), labels)  # §7.1
@@ -189,7 +189,7 @@ class OPM(Method):
         logits = model.fuse(features)
         # no sample left (every modality dropped everywhere): a zero loss that is still part of the graph
         loss = F.cross_entropy(logits, labels) if labels.numel() else logits.sum() * 0.0
-        logs.update(loss_fused=loss.item(), drop_executed=float(execute), kept_fraction=kept_fraction)
+        logs.update(loss_fused=loss.detach(), drop_executed=float(execute), kept_fraction=kept_fraction)
         return StepOutput(loss=loss, logs=logs)
 
     # ---- state kept across steps: the generator (checkpointed so resume draws what the full run did)

@@ -218,7 +218,7 @@ class PMR(Method):
         features = model.encode(batch.inputs)
         labels = batch.labels
         loss_fused = F.cross_entropy(model.fuse(features), labels)
-        logs = {"loss_fused": loss_fused.item()}
+        logs = {"loss_fused": loss_fused.detach()}
         if not self.modulating(epoch) or self.prototypes is None or self.valid is None:
             return StepOutput(loss=loss_fused, logs=logs)  # outside the window (or no prototypes): CE(z)
 
@@ -237,7 +237,7 @@ class PMR(Method):
             pce = F.cross_entropy(psi[m], y) if y.numel() else features[m].sum() * 0.0
             if coef > 0:  # §30.2: only the slower modality's PCE; prototypes are constants
                 loss = loss + coef * pce
-            logs.update({f"pce_{m}": pce.item(), f"score_{m}": score, f"coef_{m}": coef})
+            logs.update({f"pce_{m}": pce.detach(), f"score_{m}": score, f"coef_{m}": coef})
         return StepOutput(loss=loss, logs=logs)
 
     # ---- state: the prototypes (identical on every rank, R6)

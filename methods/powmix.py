@@ -216,7 +216,7 @@ class PowMix(Method):
         targets = cross_modal_label_mixing(weights, labels, self.context.num_classes)
         loss_mixed = soft_cross_entropy(mixed_logits, targets)
         loss = loss_clean + self.params.mix_weight * loss_mixed
-        logs = {"loss_fused": loss_clean.item(), "loss_mixed": loss_mixed.item(), **drawn}
+        logs = {"loss_fused": loss_clean.detach(), "loss_mixed": loss_mixed.detach(), **drawn}
         return StepOutput(loss=loss, logs=logs)
 
     def state_dict(self) -> dict[str, Any]:

@@ -268,7 +268,7 @@ class ReconBoost(Method):
         else:
             q_true = torch.ones(batch.labels.shape[0], device=current.device)  # stage 0: q_y := 1
         loss = boosting_loss(current, batch.labels, q_true, self.params.w1, self.params.w2)
-        logs = {"loss_boost": loss.item(), "q_true": q_true.mean().item()}
+        logs = {"loss_boost": loss.detach(), "q_true": q_true.mean().detach()}
         previous = self.context.modalities[(where.stage - 1) % len(self.context.modalities)]
         if where.stage > 0 and previous in other_logits:  # the official ga, detached: logged only
             logs["ga"] = ga_term(current, other_logits[previous])
@@ -280,7 +280,7 @@ class ReconBoost(Method):
         loss = F.cross_entropy(
             self.ensemble(model)(model.encode(batch.inputs, members), members), batch.labels
         )
-        return StepOutput(loss=loss, logs={"loss_ensemble": loss.item()})
+        return StepOutput(loss=loss, logs={"loss_ensemble": loss.detach()})
 
     # ---- the epoch
     def on_epoch_start(self, model: MultimodalModel, epoch: int) -> None:

@@ -167,7 +167,7 @@ class Relearning(Method):
     # ---- the step: plain joint CE (§27.2)
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         loss = F.cross_entropy(model.fuse(model.encode(batch.inputs)), batch.labels)
-        return StepOutput(loss=loss, logs={"loss_fused": loss.item()})
+        return StepOutput(loss=loss, logs={"loss_fused": loss.detach()})
 
     # ---- the schedule (§27.3)
     def on_epoch_start(self, model: MultimodalModel, epoch: int) -> None:

@@ -238,8 +238,8 @@ class Remix(Method):
         fused, unimodal = remix_losses(model, features, batch.labels, tags, p.gamma, p.warmup_weight)
         loss = (fused + unimodal).mean()
         logs = {
-            "loss_fused": fused.mean().item(),
-            "loss_unimodal": unimodal.mean().item(),
+            "loss_fused": fused.mean().detach(),
+            "loss_unimodal": unimodal.mean().detach(),
             "remix_fraction": float((tags != UNTAGGED).float().mean()),
         }
         return StepOutput(loss=loss, logs=logs)

@@ -300,7 +300,7 @@ class SMV(Method):
             features = keep_only(features, kept)
             copies = float((tags != UNTAGGED).float().mean())
         loss = F.cross_entropy(model.fuse(features), batch.labels)
-        return StepOutput(loss=loss, logs={"loss_fused": loss.item(), "copy_fraction": copies})
+        return StepOutput(loss=loss, logs={"loss_fused": loss.detach(), "copy_fraction": copies})
 
     # ---- state: the copies, so a resumed run rebuilds the same plan
     def state_dict(self) -> dict[str, Any]:

@@ -97,7 +97,7 @@ class UME(Method):
         loss = torch.stack(
             list(losses.values())
         ).sum()  # Σ_m CE(u^m): each branch gets its own run's gradient
-        return StepOutput(loss=loss, logs={f"loss_{m}": v.item() for m, v in losses.items()})
+        return StepOutput(loss=loss, logs={f"loss_{m}": v.detach() for m, v in losses.items()})
 
     def logits_from_features(self, model: MultimodalModel, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return combine_unimodal(model.unimodal(features), self.params.ume_combine)

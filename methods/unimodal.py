@@ -73,4 +73,4 @@ class Unimodal(Method):
     def training_step(self, model: MultimodalModel, batch: Batch, epoch: int) -> StepOutput:
         features = model.encode(batch.inputs, [self.modality])
         loss = F.cross_entropy(self.logits_from_features(model, features), batch.labels)
-        return StepOutput(loss=loss, logs={"loss_unimodal": loss.item()})
+        return StepOutput(loss=loss, logs={"loss_unimodal": loss.detach()})

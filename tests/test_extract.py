@@ -64,3 +64,20 @@ def test_the_identity_encoder_passes_stored_features_through():
     x = torch.arange(12, dtype=torch.float16).reshape(2, 2, 3)
     assert encoder.out_dim == 6 and torch.equal(encoder(x), x.reshape(2, 6))
     assert encoder(torch.ones(1, 2, 3, dtype=torch.uint8)).dtype == torch.float32
+
+
+def test_extraction_reads_the_inputs_through_the_eval_transforms_and_records_them(tiny_config, tmp_path):
+    transforms = "data.transforms={strong: {normalize: {mean: [1.0], std: [4.0]}}}"
+    cfg = tiny_config(ENCODER, transforms)
+    out = extract_features(cfg, name="normfeat", out=tmp_path / "normfeat")
+    torch.manual_seed(0)
+    source = ArrowDataset(dataset_path(cfg))
+    model = build_model(cfg.model, source.manifest).eval()
+    test = source.split("test")
+    raw = torch.from_numpy(test.columns["strong"].to_numpy().astype(np.float32))
+    with torch.no_grad():
+        expected = model.encoders["strong"]((raw - 1.0) / 4.0)  # (x - mean) / std, then the encoder
+    stored = ArrowDataset(out).split("test").columns["strong"].to_numpy()
+    np.testing.assert_allclose(stored, expected.numpy(), rtol=1e-6, atol=1e-6)
+    recorded = ArrowDataset(out).manifest.build_options["frozen_features"]["transforms"]
+    assert recorded["strong"]["normalize"]["mean"] == [1.0]

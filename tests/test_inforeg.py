@@ -93,7 +93,7 @@ def test_edit_adds_beta_times_theta_minus_anchor_to_the_leading_encoder_only():
 def test_unimodal_heads_are_not_trained_and_the_loss_is_fused_plus_sliced():
     model, method = leading_a_model(), inforeg()
     out = method.training_step(model, leading_a_batch(), 0)
-    logs = out.logs
+    logs = {k: float(v) for k, v in out.logs.items()}
     assert out.loss.item() == pytest.approx(logs["loss_fused"] + logs["loss_a"] + logs["loss_b"], abs=1e-6)
     names = {
         n for n, p in model.named_parameters() if any(p is q for q in method.trainable_parameters(model))

@@ -225,6 +225,7 @@ class Split:
         rng = np.random.default_rng(0)
         self.columns = {m: Column(rng.normal(size=(20, 2)).astype(np.float32)) for m in ("a", "b")}
         self.labels = rng.integers(0, 2, size=20)
+        self.lengths: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return 20

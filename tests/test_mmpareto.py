@@ -151,7 +151,7 @@ def test_a_step_edits_each_encoder_tensor_by_the_hand_formula_and_leaves_the_hea
     assert set(expected) == {n for n in after if n.startswith("encoders.")}
     # the trained loss is ℓ_mm + ℓ_a + ℓ_b
     assert out.loss.item() == pytest.approx(
-        out.logs["loss_fused"] + out.logs["loss_uni_a"] + out.logs["loss_uni_b"], rel=1e-6
+        float(out.logs["loss_fused"] + out.logs["loss_uni_a"] + out.logs["loss_uni_b"]), rel=1e-6
     )
 
 

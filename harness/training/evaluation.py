@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from midasbench.datasets.device_feed import DeviceFeed
 from midasbench.datasets.format import SplitData
 from midasbench.datasets.loader import BatchLoader
 from midasbench.harness.models.model import MultimodalModel
@@ -26,17 +27,20 @@ def encode_rows(
     rows: np.ndarray,
     modalities: list[str],
     batch_size: int,
-    device: torch.device,
+    feed: DeviceFeed | torch.device,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Encoder features (float32, on ``device``, eval mode) and labels of ``rows``, in the order given."""
+    """Encoder features (float32, on the feed's device, eval mode, the eval transforms) and labels of
+    ``rows``, in the order given."""
+    feed = as_feed(feed)
+    device = feed.device
     was_training = model.training
     model.eval()
     try:
         rows = np.asarray(rows, dtype=np.int64)
         chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
         labels, index = [], []
-        for batch in BatchLoader(split, batch_size, shuffle=False).batches(rows):
-            batch = batch.to(device)
+        host_batches = BatchLoader(split, batch_size, shuffle=False).batches(rows)
+        for batch in feed.batches(host_batches, epoch=None):
             features = model.encode(batch.inputs, modalities)
             for m in modalities:
                 chunks[m].append(features[m])
@@ -53,6 +57,11 @@ def encode_rows(
         model.train(was_training)
 
 
+def as_feed(feed: DeviceFeed | torch.device) -> DeviceFeed:
+    """A device stands for the plain feed to it (stored values, no transforms)."""
+    return feed if isinstance(feed, DeviceFeed) else DeviceFeed(torch.device(feed))
+
+
 def _positions_in_request(rows: np.ndarray, batch_size: int) -> torch.Tensor:
     """Where each requested row landed once every batch was read in sorted order."""
     out = np.empty(len(rows), dtype=np.int64)
@@ -64,10 +73,14 @@ def _positions_in_request(rows: np.ndarray, batch_size: int) -> torch.Tensor:
 
 
 def encode_split(
-    model: MultimodalModel, split: SplitData, modalities: list[str], batch_size: int, device: torch.device
+    model: MultimodalModel,
+    split: SplitData,
+    modalities: list[str],
+    batch_size: int,
+    feed: DeviceFeed | torch.device,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A whole split's features and labels, encoded once and reused by prediction and diagnostics."""
-    return encode_rows(model, split, np.arange(len(split)), modalities, batch_size, device)
+    return encode_rows(model, split, np.arange(len(split)), modalities, batch_size, feed)
 
 
 @torch.no_grad()
@@ -76,7 +89,7 @@ def evaluate(
     method: Method,
     split: SplitData,
     batch_size: int,
-    device: torch.device,
+    feed: DeviceFeed | torch.device,
     diagnostics_seed: int | None = None,
 ) -> dict[str, float]:
     """Accuracy, macro-F1, loss and subset accuracies over the whole split; with ``diagnostics_seed``, also
@@ -85,7 +98,7 @@ def evaluate(
     model.eval()
     try:
         modalities = method.eval_modalities(model)
-        features, labels = encode_split(model, split, modalities, batch_size, device)
+        features, labels = encode_split(model, split, modalities, batch_size, feed)
 
         def head(f: dict[str, torch.Tensor]) -> torch.Tensor:
             return method.logits_from_features(model, f).float()

@@ -31,7 +31,7 @@ from midasbench.datasets.writer import DatasetWriter
 from midasbench.harness.config import RunConfig
 from midasbench.harness.models.model import MultimodalModel, encoder_config_for
 from midasbench.harness.training.evaluation import encode_rows
-from midasbench.harness.training.trainer import _device, build_run_model, dataset_path
+from midasbench.harness.training.trainer import _device, build_run_model, dataset_path, run_feed
 from midasbench.harness.training.unimodal_runs import state_sha256
 
 
@@ -58,6 +58,8 @@ def frozen_provenance(
             "split_seed": m.split_seed,
         },
         "encoders": encoders,
+        # the eval transforms the inputs went through (data.transforms), part of what the features are
+        "transforms": {m: t.model_dump(mode="json") for m, t in cfg.data.transforms.items()},
     }
 
 
@@ -71,6 +73,7 @@ def extract_features(
     model, tags = build_run_model(cfg, manifest)  # as a training run of cfg starts it
     device = _device(cfg.train.device)
     model = model.to(device).eval()
+    feed = run_feed(cfg, manifest, device)  # the eval transforms, as validation sees the inputs
     target = (
         Path(out) if out is not None else (Path(root) if root is not None else default_data_root()) / name
     )
@@ -93,7 +96,7 @@ def extract_features(
             with writer.split(split_name) as sink:
                 for start in range(0, len(data), batch):
                     rows = np.arange(start, min(start + batch, len(data)))
-                    features, _ = encode_rows(model, data, rows, model.modalities, batch, device)
+                    features, _ = encode_rows(model, data, rows, model.modalities, batch, feed)
                     sink.append(
                         SplitArrays(
                             ids=data.ids[rows],

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
+    from midasbench.datasets.device_feed import DeviceFeed
     from midasbench.datasets.format import SplitData
     from midasbench.datasets.loader import Batch
     from midasbench.harness.models.model import MultimodalModel
@@ -53,6 +54,15 @@ class Runtime:
     optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     optimizer_factory: OptimizerFactory | None = None
     checkpoint_dir: Path | None = None  # the run's checkpoint folder (a method's own files go under it)
+    feed: DeviceFeed | None = None  # host batches -> device batches with the run's transforms
+
+    def device_feed(self) -> DeviceFeed:
+        """The run's feed (its transforms, prefetch), or a plain one to the device outside a run."""
+        if self.feed is None:
+            from midasbench.datasets.device_feed import DeviceFeed
+
+            self.feed = DeviceFeed(self.device)
+        return self.feed
 
     @property
     def distributed(self) -> bool:
@@ -131,7 +141,8 @@ class Runtime:
 
     def train_batches(self, epoch: int, seed: int, rows: np.ndarray | None = None) -> Iterator[Batch]:
         """This rank's mini-batches of one shuffled pass over the training split (or over its ``rows``),
-        on the device, in an order that is a function of ``(seed, epoch)``: for a method's own trainings
+        on the device with the training transforms of ``epoch``, in an order that is a function of
+        ``(seed, epoch)``: for a method's own trainings
         (G-Blending's probes). Every rank runs the same number of batches (sharded as the trainer's are);
         average the gradients with ``average_gradients`` before stepping."""
         from midasbench.datasets.loader import BatchLoader, EpochPlan, epoch_permutation
@@ -143,8 +154,17 @@ class Runtime:
         loader = BatchLoader(
             self.train_split, self.batch_size, shuffle=False, rank=self.rank, world_size=self.world_size
         )
-        for batch in loader.plan_batches(plan):
-            yield batch.to(self.device, non_blocking=True)
+        yield from self.device_feed().batches(loader.plan_batches(plan), epoch=epoch)
+
+    def rows_batch(self, rows: np.ndarray, split: SplitData | None = None) -> Batch:
+        """One batch of ``rows`` (default: of the training split) on the device, with the eval transforms:
+        for a method's own fixed passes (LFM's probe batch)."""
+        from midasbench.datasets.loader import gather_batch
+
+        split = split if split is not None else self.train_split
+        if split is None:
+            raise RuntimeError("rows_batch needs a runtime bound to a run (its train split)")
+        return self.device_feed().one(gather_batch(split, np.asarray(rows, dtype=np.int64)), epoch=None)
 
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Average ``params``' gradients over ranks (missing ones count as zeros), as the trainer does for

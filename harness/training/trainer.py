@@ -32,8 +32,10 @@ from typing import Any
 import torch
 
 from midasbench.datasets.builders import resolve_dataset
+from midasbench.datasets.device_feed import DeviceFeed
 from midasbench.datasets.format import FROZEN_FEATURES_KEY, ArrowDataset, Manifest
 from midasbench.datasets.loader import BatchLoader
+from midasbench.datasets.transforms import ModalityPipelines
 from midasbench.harness.config import RunConfig
 from midasbench.harness.models.fusion import fusion_is_decomposable
 from midasbench.harness.models.model import MultimodalModel, build_model
@@ -59,6 +61,33 @@ from midasbench.harness.training.unimodal_runs import init_encoder_sources, load
 from midasbench.methods import METHODS, Method, MethodContext, StepOutput, build_method
 
 EpochCallback = Callable[[int, dict[str, float], Path], None]
+
+
+LogValue = float | torch.Tensor  # a step's logged scalar: a number, or a 0-d tensor still on the device
+
+
+class EpochLogs:
+    """Row-weighted sums of the steps' logged scalars over an epoch. Tensors are summed where they are
+    (on the device), so no step waits for the device to hand a number back; ``totals`` reads them all
+    with one copy at the end of the epoch."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, LogValue] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, LogValue], rows: int) -> None:
+        for key, value in logs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().double()
+            self.sums[key] = self.sums.get(key, 0.0) + value * rows
+            self.counts[key] = self.counts.get(key, 0) + rows
+
+    def totals(self) -> tuple[dict[str, float], dict[str, int]]:
+        keys = [k for k, v in self.sums.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([self.sums[k].reshape(()) for k in keys]).tolist() if keys else []  # type: ignore[union-attr]
+        sums = {k: float(v) for k, v in self.sums.items() if not isinstance(v, torch.Tensor)}
+        sums.update(zip(keys, values, strict=True))
+        return sums, dict(self.counts)
 
 
 @dataclass
@@ -95,18 +124,33 @@ def check_method_requirements(cfg: RunConfig, num_modalities: int | None) -> Non
     )
 
 
+def input_pipelines(cfg: RunConfig, manifest: Manifest) -> ModalityPipelines:
+    """The modalities' train and eval transforms (``data.transforms``), checked against the dataset."""
+    config = {m: t.model_dump(mode="json") for m, t in cfg.data.transforms.items()}
+    return ModalityPipelines(config, manifest.modalities)
+
+
+def run_feed(cfg: RunConfig, manifest: Manifest, device: torch.device) -> DeviceFeed:
+    """How the run's batches reach ``device``: prefetched, copied, transformed."""
+    return DeviceFeed(
+        device, input_pipelines(cfg, manifest), seed=cfg.train.seed, prefetch=cfg.train.prefetch_batches
+    )
+
+
 def build_run_model(
     cfg: RunConfig, manifest: Manifest, init_sources: dict[str, str] | None = None
 ) -> tuple[MultimodalModel, dict[str, str]]:
     """The run's model as training starts it: seeded, of the model kind the config or the method asks
-    for, with ``model.init_encoders`` loaded (before the method, the device and the optimisers see it;
-    a resumed run then overwrites them from last.pt; every rank reads the same files, so replicas start
-    equal without a collective). Also the provenance tags of the loaded encoders."""
+    for, sized for what the transforms deliver, with ``model.init_encoders`` loaded (before the method,
+    the device and the optimisers see it; a resumed run then overwrites them from last.pt; every rank
+    reads the same files, so replicas start equal without a collective). Also the provenance tags of
+    the loaded encoders."""
     if init_sources is None:
         init_sources = init_encoder_sources(cfg.model.init_encoders, tuple(manifest.modality_names))
     ckpt.seed_everything(cfg.train.seed)
     kind = METHODS.get(cfg.method.name).requires.resolve_model_kind(cfg.method.name, cfg.model.kind)
-    model = build_model(cfg.model, manifest, kind)
+    seen = manifest.model_copy(update={"modalities": input_pipelines(cfg, manifest).specs})
+    model = build_model(cfg.model, seen, kind)
     return model, load_init_encoders(model, cfg, manifest, init_sources)
 
 
@@ -184,6 +228,7 @@ class TrainingRun:
         self.train_split, self.val_split, self.test_split = (
             self.dataset.split(s) for s in ("train", "val", "test")
         )
+        self.feed = run_feed(cfg, manifest, device)
         self.runtime = Runtime(
             device=device,
             amp_dtype=amp_dtype,
@@ -194,10 +239,11 @@ class TrainingRun:
             batch_size=t.batch_size,
             eval_batch_size=t.eval_batch_size,
             encode_fn=lambda model, split, rows, names: encode_rows(
-                model, split, rows, names, t.eval_batch_size, device
+                model, split, rows, names, t.eval_batch_size, self.feed
             ),
             optimizer_factory=lambda groups: make_optimizer(cfg.optimizer, groups),
             checkpoint_dir=self.checkpoints.directory,
+            feed=self.feed,
         )
 
         model, self.init_encoder_tags = build_run_model(cfg, manifest, init_sources)
@@ -251,14 +297,10 @@ class TrainingRun:
         self.loader.set_epoch(epoch)
         plan = self.method.epoch_plan(epoch, self.loader.default_plan())
         self.method.on_epoch_start(self.model, epoch)
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for batch in self.loader.plan_batches(plan):
-            logs = self._step(batch.to(self.runtime.device, non_blocking=True), epoch)
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value * len(batch)
-                counts[key] = counts.get(key, 0) + len(batch)
-        sums, counts = reduce_epoch_logs(sums, counts, self.runtime)
+        logs = EpochLogs()
+        for batch in self.feed.batches(self.loader.plan_batches(plan), epoch=epoch):
+            logs.add(self._step(batch, epoch), len(batch))
+        sums, counts = reduce_epoch_logs(*logs.totals(), self.runtime)
         metrics = {f"train/{k}": v / max(counts[k], 1) for k, v in sums.items()}
         metrics["lr"] = self.optimizers.main.param_groups[0]["lr"]
         if self.method.scheduler_should_step(epoch):
@@ -267,17 +309,17 @@ class TrainingRun:
         metrics.update({f"method/{k}": v for k, v in self.method.on_epoch_end(self.model, epoch).items()})
         return metrics
 
-    def _step(self, batch: Any, epoch: int) -> dict[str, float]:
+    def _step(self, batch: Any, epoch: int) -> dict[str, LogValue]:
         """One batch: each of the method's sub-steps (one, unless it alternates) is an optimiser step."""
-        logs: dict[str, float] = {}
-        loss = 0.0
+        logs: dict[str, LogValue] = {}
+        loss: LogValue = 0.0
         for out in self.method.training_steps(self.model, batch, epoch):
             sub = self._optimizer_step(out, epoch)
             loss += sub.pop("loss")
             logs.update(sub)
         return {"loss": loss, **logs}
 
-    def _optimizer_step(self, out: StepOutput, epoch: int) -> dict[str, float]:
+    def _optimizer_step(self, out: StepOutput, epoch: int) -> dict[str, LogValue]:
         self.optimizers.zero_grad()
         extra = list(out.extra_losses.items())
         main_params = self.optimizers.params["main"]
@@ -291,15 +333,15 @@ class TrainingRun:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         self.optimizers.step()
         self.method.after_optimizer_step(self.model, epoch)
-        logs = {"loss": float(out.loss.detach()), **out.logs}
-        logs.update({f"loss_{name}": float(loss.detach()) for name, loss in extra})
+        logs: dict[str, LogValue] = {"loss": out.loss.detach(), **out.logs}  # stays on the device
+        logs.update({f"loss_{name}": loss.detach() for name, loss in extra})
         return logs
 
     # --------------------------------------------------------------------------------------- evaluate
     def _evaluate(self, split: Any) -> dict[str, float]:
         t = self.cfg.train
         seed = t.diagnostics_seed if t.diagnostics else None
-        return evaluate(self.model, self.method, split, t.eval_batch_size, self.runtime.device, seed)
+        return evaluate(self.model, self.method, split, t.eval_batch_size, self.feed, seed)
 
     def validate(self, epoch: int, metrics: dict[str, float]) -> bool:
         """Validation metrics into ``metrics``; True when this epoch is the best so far."""
