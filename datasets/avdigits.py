@@ -23,18 +23,29 @@ sample ``d0042-1`` is image 42 with its second clip. Every random draw of a samp
 seeded by ``(seed, image, clip, modality)``, so a subsample (``max_images``) holds exactly the same rows as
 the full build, and a knob of one modality never changes the other. The PCA is always fitted on all 1,797
 images.
+
+The build is sharded (``DatasetBuilder.sources``): the PCA runs once, then each sample is a
+``DigitClip`` item and ``decode_clips`` synthesises and featurises a shard of them, in parallel over the
+cores and resumably (``sharded_build``). Shards are ``SHARD_SIZE`` (a multiple of the log-mel batch)
+samples, so every batch holds the same clips as in a single-process build and the dataset is
+bit-identical whatever the number of workers. BLAS threads keep the libraries' default (as before the
+sharding), so the log-mel matmul, and with it the content hash, can differ in the last bits between
+machines with different core counts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated
 
 import numpy as np
 from pydantic import Field, field_validator
 
 from .audio import add_white_noise, log_mel_spectrogram, resample
-from .builders import BuilderOptions, DatasetBuilder, Pool, register_dataset
+from .builders import BuilderOptions, DatasetBuilder, register_dataset
 from .format import DatasetFormatError, SplitArrays
+from .sharded_build import ShardedSource, track_items
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 FEATURE_RATE = 16_000
@@ -43,6 +54,7 @@ PITCH = (10, 90)
 GAIN_DB = (-10.0, 0.0)
 SILENCE_THRESHOLD = 1e-3  # |sample| below this, at the ends of a clip, counts as silence and is trimmed
 _CHUNK = 64  # clips per log-mel batch: keeps the framed spectra (~13 MB) small
+SHARD_SIZE = _CHUNK  # samples per decoded shard; a multiple of _CHUNK, so batches never depend on workers
 
 DEFAULT_VOICES = [
     "en+m1", "en+m3", "en+m5", "en+m7", "en+f1", "en+f3", "en+f5", "en+croak",
@@ -88,37 +100,73 @@ class AVDigitsBuilder(DatasetBuilder):
     )
     Options = AVDigitsOptions
 
-    def build_pool(self, options: AVDigitsOptions) -> Pool:
+    def sources(self, options: AVDigitsOptions) -> ShardedSource:
+        """One ``DigitClip`` per sample (image-major, then clip); the images are PCA-weakened here, once,
+        on all 1,797 images, and each item carries its 8×8 pixels."""
         images, labels = load_digit_images()
         images = remove_principal_energy(images.reshape(len(images), -1), options.image_pca_removal)
         images = images.reshape(-1, 8, 8)
         count = len(images) if options.max_images is None else options.max_images
-        k = options.samples_per_image
-        image_index = np.repeat(np.arange(count), k)
-        clip_index = np.tile(np.arange(k), count)
-        sample_labels = labels[image_index]
-        pairs = list(zip(image_index.tolist(), clip_index.tolist(), strict=True))
-
-        visual = images[image_index]
-        if options.image_noise_std > 0:  # at 8x8 resolution, so image_scale changes no information
-            noise = np.stack(
-                [np.random.default_rng([options.seed, i, j, 1]).standard_normal((8, 8)) for i, j in pairs]
-            )
-            visual = visual + options.image_noise_std * noise
-        if options.image_scale > 1:
-            visual = np.kron(visual, np.ones((1, options.image_scale, options.image_scale)))
-        audio_rngs = [np.random.default_rng([options.seed, i, j, 0]) for i, j in pairs]
-        audio = spoken_digit_features(sample_labels, audio_rngs, options)
-        return Pool(
+        items = [
+            DigitClip(image=i, clip=j, label=int(labels[i]), pixels=images[i])
+            for i in range(count)
+            for j in range(options.samples_per_image)
+        ]
+        return ShardedSource(
             classes=list(DIGIT_WORDS),
-            arrays=SplitArrays(
-                ids=np.array([f"d{i:04d}-{j}" for i, j in pairs]),
-                labels=sample_labels,
-                modalities={"audio": audio, "visual": visual[:, None].astype(np.float32)},
-            ),
+            items=items,
+            decode=decode_clips,
             official_split=None,
             modality_kinds={"audio": "spectrogram", "visual": "image"},
+            shard_size=SHARD_SIZE,
+            item_name=_clip_name,
         )
+
+
+@dataclass(frozen=True, eq=False)
+class DigitClip:
+    """One sample to decode: clip ``clip`` of image ``image`` (digit ``label``), with the image's
+    PCA-weakened pixels (float64 ``(8, 8)``)."""
+
+    image: int
+    clip: int
+    label: int
+    pixels: np.ndarray
+
+    @property
+    def sample_id(self) -> str:
+        return f"d{self.image:04d}-{self.clip}"
+
+
+def _clip_name(item: DigitClip) -> str:
+    return f"sample {item.sample_id} (digit {DIGIT_WORDS[item.label]!r})"
+
+
+def decode_clips(items: Sequence[DigitClip], options: AVDigitsOptions) -> SplitArrays:
+    """A shard of samples: the image (noise at 8×8, then upsampling) and the synthesised, noised clip's
+    log-mel of each, every draw from the generators seeded by ``(seed, image, clip, modality)``."""
+    visual = np.stack([item.pixels for item in items])
+    if options.image_noise_std > 0:  # at 8x8 resolution, so image_scale changes no information
+        noise = np.stack(
+            [np.random.default_rng([options.seed, c.image, c.clip, 1]).standard_normal((8, 8)) for c in items]
+        )
+        visual = visual + options.image_noise_std * noise
+    if options.image_scale > 1:
+        visual = np.kron(visual, np.ones((1, options.image_scale, options.image_scale)))
+    sample_rate = 0
+    clips = []
+    for item in track_items(items):  # an error names the sample being synthesised
+        rng = np.random.default_rng([options.seed, item.image, item.clip, 0])
+        clip, sample_rate = synthesize_clip(item.label, rng, options)
+        clips.append(clip)
+    return SplitArrays(
+        ids=np.array([item.sample_id for item in items]),
+        labels=np.array([item.label for item in items], dtype=np.int64),
+        modalities={
+            "audio": clip_features(clips, sample_rate, options),
+            "visual": visual[:, None].astype(np.float32),
+        },
+    )
 
 
 def load_digit_images() -> tuple[np.ndarray, np.ndarray]:
@@ -166,25 +214,38 @@ def spoken_digit_features(
 
     Clips are synthesised one by one, then resampled to 16 kHz and turned into log-mels in batches.
     """
+    sample_rate = 0
+    clips = []
+    for label, rng in zip(labels, rngs, strict=True):
+        clip, sample_rate = synthesize_clip(int(label), rng, options)
+        clips.append(clip)
+    return clip_features(clips, sample_rate, options)
+
+
+def synthesize_clip(label: int, rng: np.random.Generator, options: AVDigitsOptions) -> tuple[np.ndarray, int]:
+    """The digit word with the voice, rate, pitch, gain, onset and noise drawn from ``rng`` (in that
+    order), as a float32 window of ``clip_seconds`` at the synthesiser's rate; and that rate."""
     from .speech import SpeechSynthesisError, synthesize
 
-    sample_rate = 0
+    voice = options.voices[int(rng.integers(len(options.voices)))]
+    rate = int(rng.integers(RATE_WPM[0], RATE_WPM[1] + 1))
+    pitch = int(rng.integers(PITCH[0], PITCH[1] + 1))
+    try:
+        wave, sample_rate = synthesize(DIGIT_WORDS[label], voice=voice, rate=rate, pitch=pitch)
+    except SpeechSynthesisError as exc:
+        raise DatasetFormatError(f"dataset 'avdigits': data.options.voices: {exc}") from exc
+    window, word_power = place_in_window(wave, round(options.clip_seconds * sample_rate), rng)
+    if options.audio_snr_db is not None:
+        window = add_white_noise(window, options.audio_snr_db, rng, signal_power=word_power)
+    return window, sample_rate
+
+
+def clip_features(clips: Sequence[np.ndarray], sample_rate: int, options: AVDigitsOptions) -> np.ndarray:
+    """Clips resampled to 16 kHz and turned into float32 log-mels ``(n, 1, frames, mel)``, ``_CHUNK`` at a
+    time (the batches keep the framed spectra small)."""
     features = []
-    for start in range(0, len(labels), _CHUNK):
-        clips = []
-        for label, rng in zip(labels[start : start + _CHUNK], rngs[start : start + _CHUNK], strict=True):
-            voice = options.voices[int(rng.integers(len(options.voices)))]
-            rate = int(rng.integers(RATE_WPM[0], RATE_WPM[1] + 1))
-            pitch = int(rng.integers(PITCH[0], PITCH[1] + 1))
-            try:
-                wave, sample_rate = synthesize(DIGIT_WORDS[int(label)], voice=voice, rate=rate, pitch=pitch)
-            except SpeechSynthesisError as exc:
-                raise DatasetFormatError(f"dataset 'avdigits': data.options.voices: {exc}") from exc
-            window, word_power = place_in_window(wave, round(options.clip_seconds * sample_rate), rng)
-            if options.audio_snr_db is not None:
-                window = add_white_noise(window, options.audio_snr_db, rng, signal_power=word_power)
-            clips.append(window)
-        batch = resample(np.stack(clips), sample_rate, FEATURE_RATE)
+    for start in range(0, len(clips), _CHUNK):
+        batch = resample(np.stack(clips[start : start + _CHUNK]), sample_rate, FEATURE_RATE)
         features.append(log_mel_spectrogram(batch, FEATURE_RATE, options.num_mel_bins)[:, None])
     return np.concatenate(features)
 

@@ -1,9 +1,24 @@
 """Dataset builders: a registry of offline datasets and the generic raw → canonical pipeline.
 
 A builder produces a *pool* (every sample, with its official split if the dataset has one); this module
-applies the split protocol and writes the canonical directory (``format.write_dataset``). The directory
-name carries the protocol, the split seed and a hash of the builder options, so different settings never
-overwrite each other and a cached build is reused only when it matches.
+applies the split protocol and writes the canonical directory (``write_pool`` → ``DatasetWriter``,
+streamed in record batches, atomic). The directory name carries the protocol, the split seed and a hash
+of the builder options, so different settings never overwrite each other and a cached build is reused
+only when it matches.
+
+A builder gives its pool in one of two ways:
+
+* ``build_pool(options) -> Pool``: the whole pool in memory, built in this process (``synthetic``);
+* ``sources(options) -> ShardedSource``: one picklable item per sample plus a module-level
+  ``decode(items, options)``, for datasets whose per-sample decoding is the slow part (``avdigits``;
+  WAV/MP4/JPG decoders). ``build_dataset`` then decodes the items in shards over ``workers`` processes
+  (default: every core) with a progress bar, stores each finished shard atomically in a work folder
+  next to the target (``<root>/.<dirname>.build/``, tagged with a fingerprint of the build), and streams
+  the final dataset from the stored shards, memory-mapped a shard at a time; the work folder is removed
+  once the dataset is written. A crash or Ctrl-C keeps the finished shards and the same build run again
+  decodes only the missing ones; the result is identical whatever the workers and interruptions.
+  Concurrent builds of one dataset wait for each other instead of decoding it twice. See
+  ``sharded_build``.
 """
 
 from __future__ import annotations
@@ -11,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +45,16 @@ from .format import (
     SplitArrays,
     _modality_specs,
     read_manifest,
+)
+from .sharded_build import (
+    ShardedSource,
+    build_lock,
+    decode_in_memory,
+    decode_shards,
+    discard_work_directory,
+    resolve_progress,
+    resolve_workers,
+    work_directory,
 )
 from .splits import split_indices
 
@@ -59,16 +84,28 @@ class BuilderOptions(BaseModel):
 
 
 class DatasetBuilder(ABC):
-    """One offline dataset. Subclasses set the class attributes and implement ``build_pool``."""
+    """One offline dataset. Subclasses set the class attributes and implement ``build_pool`` or, when
+    decoding the samples is slow, ``sources`` (decoded in parallel and resumably; module docstring)."""
 
     name: ClassVar[str]
     version: ClassVar[str]
     description: ClassVar[str]
     Options: ClassVar[type[BuilderOptions]] = BuilderOptions
 
-    @abstractmethod
+    def sources(self, options: Any) -> ShardedSource | None:
+        """The samples as items to decode in shards, or None (the default) if ``build_pool`` is the
+        builder's way. Must be cheap (no decoding) and deterministic given the options."""
+        return None
+
     def build_pool(self, options: Any) -> Pool:
-        """Produce every sample; must be deterministic given the options."""
+        """Produce every sample in memory; must be deterministic given the options. A sharded builder
+        gets this for free (every shard decoded here, in memory)."""
+        source = self.sources(options)
+        if source is None:
+            raise NotImplementedError(
+                f"dataset builder {type(self).__name__} implements neither build_pool nor sources"
+            )
+        return _pool_of(source, decode_in_memory(source, options, self.name))
 
     @classmethod
     def parse_options(cls, options: dict[str, Any] | None) -> BuilderOptions:
@@ -110,29 +147,70 @@ def build_dataset(
     split_seed: int = 2,
     options: dict[str, Any] | None = None,
     force: bool = False,
+    workers: int | None = None,
+    progress: bool | str = "auto",
 ) -> Path:
-    """Build (or reuse) the canonical directory of a registered dataset and return its path."""
+    """Build (or reuse) the canonical directory of a registered dataset and return its path.
+
+    ``workers`` and ``progress`` apply to sharded builders (``sources``): processes decoding the shards
+    (None: every core; 1: in this process) and the tqdm bar on stderr (``"auto"``: only on a terminal).
+    ``force`` rebuilds from scratch, discarding the stored shards of an interrupted build too.
+    """
     builder_cls = DATASETS.get(name)
     parsed = builder_cls.parse_options(options)
+    workers, show = resolve_workers(workers), resolve_progress(progress)  # bad values fail before any work
     directory = dataset_directory(
         Path(root) if root else default_data_root(), name, split, split_seed, parsed
     )
-    if not force and (directory / MANIFEST_NAME).is_file():
-        read_manifest(directory)  # a complete, readable dataset: reuse it
+    if not force and _is_complete(directory):
         return directory
-    pool = builder_cls().build_pool(parsed)
-    write_pool(
-        pool,
-        directory,
-        replace_existing=force,  # a concurrent identical build that finished first is kept
-        name=name,
-        version=builder_cls.version,
-        description=builder_cls.description,
-        split=split,
-        split_seed=split_seed,
-        build_options=parsed.model_dump(mode="json"),
-    )
+    builder = builder_cls()
+    source = builder.sources(parsed)
+    write = {
+        "name": name,
+        "version": builder_cls.version,
+        "description": builder_cls.description,
+        "split": split,
+        "split_seed": split_seed,
+        "build_options": parsed.model_dump(mode="json"),
+        "replace_existing": force,  # a concurrent identical build that finished first is kept
+    }
+    if source is None:
+        write_pool(builder.build_pool(parsed), directory, **write)
+        return directory
+    work = work_directory(directory)
+    with build_lock(work, announce=show):
+        if force or not _is_complete(directory):  # else another process built it while we waited
+            arrays = decode_shards(
+                source,
+                parsed,
+                work,
+                builder=name,
+                version=builder_cls.version,
+                workers=workers,
+                progress=show,
+                fresh=force,
+            )
+            write_pool(_pool_of(source, arrays), directory, **write)
+        discard_work_directory(work)  # only once the dataset is complete (kept on any error above)
     return directory
+
+
+def _is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a complete dataset (a manifest that does not read is an error)."""
+    if not (directory / MANIFEST_NAME).is_file():
+        return False
+    read_manifest(directory)
+    return True
+
+
+def _pool_of(source: ShardedSource, arrays: SplitArrays) -> Pool:
+    return Pool(
+        classes=list(source.classes),
+        arrays=arrays,
+        official_split=source.official_split,
+        modality_kinds=dict(source.modality_kinds),
+    )
 
 
 def write_pool(

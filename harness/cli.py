@@ -50,15 +50,22 @@ def _parse_options(pairs: Sequence[str]) -> dict:
 
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from midasbench.datasets import ArrowDataset, build_dataset
+    from midasbench.datasets.sharded_build import BuildInterrupted
 
-    path = build_dataset(
-        args.name,
-        root=args.root,
-        split=args.split,
-        split_seed=args.split_seed,
-        options=_parse_options(args.options),
-        force=args.force,
-    )
+    try:
+        path = build_dataset(
+            args.name,
+            root=args.root,
+            split=args.split,
+            split_seed=args.split_seed,
+            options=_parse_options(args.options),
+            force=args.force,
+            workers=args.workers,
+            progress="auto" if args.progress is None else args.progress,
+        )
+    except BuildInterrupted as exc:  # say what is kept, then exit as interrupted (130)
+        print(f"midasbench: {exc}", file=sys.stderr)
+        raise
     _print_manifest(ArrowDataset(path))
     return EXIT_OK
 
@@ -193,6 +200,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from midasbench.harness.models.fusion import FUSIONS
 
         rows = [(n, e.description) for n, e in FUSIONS.items()]
+    elif what == "transforms":
+        from midasbench.datasets.transforms import TRANSFORMS
+
+        rows = [(n, e.description) for n, e in TRANSFORMS.items()]
     else:
         from importlib import resources
 
@@ -357,7 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=SPLIT_PROTOCOLS, default="midas70")
     p.add_argument("--split-seed", type=int, default=2)
     p.add_argument("--root", help="data root (default $MIDASBENCH_DATA or ~/.cache/midasbench/data)")
-    p.add_argument("--force", action="store_true", help="rebuild even if a complete copy exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild even if a complete copy exists (also discards the shards of an interrupted build)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes decoding the samples (default: every core; 1: in this process, no pool)",
+    )
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: only when stderr is a terminal)",
+    )
     p.set_defaults(func=_cmd_data_build)
 
     p = data.add_parser(
@@ -467,8 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("list", help="list registered methods, datasets, encoders, fusions or presets")
-    p.add_argument("what", choices=["methods", "datasets", "encoders", "fusions", "presets"])
+    p = sub.add_parser(
+        "list", help="list registered methods, datasets, encoders, fusions, transforms or presets"
+    )
+    p.add_argument("what", choices=["methods", "datasets", "encoders", "fusions", "transforms", "presets"])
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser(
