@@ -140,6 +140,20 @@ class SplitArrays:
         )
 
 
+def concat_splits(parts: Sequence[SplitArrays]) -> SplitArrays:
+    """Row-wise concatenation of pieces with the same columns (the first piece itself if it is alone)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return SplitArrays(
+        ids=np.concatenate([p.ids for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        modalities={m: np.concatenate([p.modalities[m] for p in parts]) for m in first.modalities},
+        subsets={s: np.concatenate([np.asarray(p.subsets[s]) for p in parts]) for s in first.subsets},
+        lengths={m: np.concatenate([p.lengths[m] for p in parts]) for m in first.lengths},
+    )
+
+
 def _check_lengths(name: str, lengths: np.ndarray, values: np.ndarray | None, n: int) -> None:
     """A variable-length modality's lengths: one a row, each within 1..its padded length."""
     if values is None:

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from .format import DatasetFormatError, SplitArrays, _fsync
+from .format import DatasetFormatError, SplitArrays, _fsync, concat_splits
 
 FINGERPRINT_NAME = "fingerprint.json"
 SHARD_META_NAME = "meta.json"
@@ -579,11 +579,4 @@ def decode_in_memory(source: ShardedSource, options: Any, builder: str) -> Split
             source.decode(list(source.items[s.start : s.stop]), options)
             for s in _plan(len(source.items), source.shard_size)
         ]
-    first = parts[0]
-    return SplitArrays(
-        ids=np.concatenate([p.ids for p in parts]),
-        labels=np.concatenate([p.labels for p in parts]),
-        modalities={m: np.concatenate([p.modalities[m] for p in parts]) for m in first.modalities},
-        subsets={s: np.concatenate([np.asarray(p.subsets[s]) for p in parts]) for s in first.subsets},
-        lengths={m: np.concatenate([p.lengths[m] for p in parts]) for m in first.lengths},
-    )
+    return concat_splits(parts)

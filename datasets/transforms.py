@@ -56,7 +56,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def register_transform(name: str, params: type[Params], description: str) -> Callable:
-    """``@register_transform("hflip", HFlipParams, "...")`` on a factory ``(params) -> Transform``."""
+    """``@register_transform("hflip", HFlipParams, "...")`` on a ``Transform`` class built from its
+    params (or any factory ``(params) -> Transform``)."""
     return component_decorator(TRANSFORMS, name, params, description)
 
 
@@ -145,6 +146,9 @@ class FramesParams(Params):
     )
 
 
+@register_transform(
+    "frames", FramesParams, "keep one frame per segment (random in training, middle for eval)"
+)
 class Frames(Transform):
     """Cut the ``T`` stored frames into ``num`` equal segments and keep one frame of each: a random one
     in training, the middle one for evaluation (TSN's sampling; the paper's video models see a few
@@ -175,13 +179,6 @@ class Frames(Transform):
         return torch.take_along_dim(x, index.view(shape), dim=axis)
 
 
-@register_transform(
-    "frames", FramesParams, "keep one frame per segment (random in training, middle for eval)"
-)
-def _frames(params: FramesParams) -> Transform:
-    return Frames(params)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # random_resized_crop, center_crop, resize, hflip: the last two axes are (H, W)
 # ---------------------------------------------------------------------------------------------------------
@@ -207,6 +204,9 @@ def _fold_planes(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     return as_float(x).reshape(x.shape[0], math.prod(lead), *x.shape[-2:]), lead
 
 
+@register_transform(
+    "random_resized_crop", RandomResizedCropParams, "random area/aspect crop resized to size (last two axes)"
+)
 class RandomResizedCrop(Transform):
     """torchvision's RandomResizedCrop in batch: per row an area share s ~ U(scale) and a log aspect
     ratio ~ U(log ratio) give a box of w = √(s·H·W·r), h = √(s·H·W/r), placed uniformly, then resized
@@ -250,17 +250,11 @@ class RandomResizedCrop(Transform):
         return out.reshape(x.shape[0], *lead, *self.size)
 
 
-@register_transform(
-    "random_resized_crop", RandomResizedCropParams, "random area/aspect crop resized to size (last two axes)"
-)
-def _random_resized_crop(params: RandomResizedCropParams) -> Transform:
-    return RandomResizedCrop(params)
-
-
 class SizeParams(Params):
     size: Size = Field(description="output (H, W), or one int for a square")
 
 
+@register_transform("center_crop", SizeParams, "the central size window of the last two axes")
 class CenterCrop(Transform):
     """The central ``size`` window of the last two axes (the eval counterpart of a random crop)."""
 
@@ -281,11 +275,7 @@ class CenterCrop(Transform):
         return x[..., top : top + h, left : left + w]
 
 
-@register_transform("center_crop", SizeParams, "the central size window of the last two axes")
-def _center_crop(params: SizeParams) -> Transform:
-    return CenterCrop(params)
-
-
+@register_transform("resize", SizeParams, "bilinear, anti-aliased resize of the last two axes")
 class Resize(Transform):
     """Bilinear resize of the last two axes to ``size``, anti-aliased (the MIDAS code's eval transform
     for frames is a plain resize to 224 × 224)."""
@@ -303,15 +293,11 @@ class Resize(Transform):
         return out.reshape(x.shape[0], *lead, *self.size)
 
 
-@register_transform("resize", SizeParams, "bilinear, anti-aliased resize of the last two axes")
-def _resize(params: SizeParams) -> Transform:
-    return Resize(params)
-
-
 class HFlipParams(Params):
     p: float = Field(default=0.5, ge=0.0, le=1.0, description="probability of flipping a row")
 
 
+@register_transform("hflip", HFlipParams, "mirror the last axis with probability p")
 class HFlip(Transform):
     """Mirror the last axis of a row with probability ``p`` (one draw a row)."""
 
@@ -324,11 +310,6 @@ class HFlip(Transform):
         assert u is not None
         flip = (u[:, 0] < self.p).view(-1, *[1] * (x.ndim - 1))
         return torch.where(flip, x.flip(-1), x)
-
-
-@register_transform("hflip", HFlipParams, "mirror the last axis with probability p")
-def _hflip(params: HFlipParams) -> Transform:
-    return HFlip(params)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,6 +326,7 @@ class SpecMaskParams(Params):
     value: float = Field(default=0.0, description="what masked cells are set to")
 
 
+@register_transform("spec_mask", SpecMaskParams, "SpecAugment time and frequency masking")
 class SpecMask(Transform):
     """SpecAugment's masking (Park et al. 2019): per row, ``time_masks`` bands of width ~ U{0..time_width}
     frames and ``freq_masks`` of width ~ U{0..freq_width} bins, each at a uniform start, set to ``value``
@@ -382,11 +364,6 @@ class SpecMask(Transform):
         return x.masked_fill(masked, self.p.value)
 
 
-@register_transform("spec_mask", SpecMaskParams, "SpecAugment time and frequency masking")
-def _spec_mask(params: SpecMaskParams) -> Transform:
-    return SpecMask(params)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # normalize
 # ---------------------------------------------------------------------------------------------------------
@@ -419,6 +396,7 @@ class NormalizeParams(Params):
         return self
 
 
+@register_transform("normalize", NormalizeParams, "per-channel (x - mean) / std (preset: imagenet)")
 class Normalize(Transform):
     """``(x − mean_c) / std_c`` per channel, in float32 (uint8 read as value / 255 first)."""
 
@@ -445,11 +423,6 @@ class Normalize(Transform):
         mean = torch.tensor(self.p.mean, device=x.device).view(shape)
         std = torch.tensor(self.p.std, device=x.device).view(shape)
         return (x - mean) / std
-
-
-@register_transform("normalize", NormalizeParams, "per-channel (x - mean) / std (preset: imagenet)")
-def _normalize(params: NormalizeParams) -> Transform:
-    return Normalize(params)
 
 
 # ---------------------------------------------------------------------------------------------------------

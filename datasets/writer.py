@@ -41,6 +41,7 @@ from .format import (
     _record_batch,
     _replace_directory,
     _schema,
+    concat_splits,
     hash_split,
     read_manifest,
 )
@@ -88,7 +89,7 @@ class SplitWriter:
 
     def _flush(self, count: int) -> None:
         """Write the first ``count`` pending rows as one record batch."""
-        merged = _concat(self._pending)
+        merged = concat_splits(self._pending)
         if count == len(merged.ids):  # the usual case (pieces of a batch's size): no copy
             head, tail = merged, merged.take(np.arange(0))
         else:
@@ -108,19 +109,6 @@ class SplitWriter:
     def _abort(self) -> None:
         self._ipc.close()
         self._sink.close()
-
-
-def _concat(parts: list[SplitArrays]) -> SplitArrays:
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    return SplitArrays(
-        ids=np.concatenate([p.ids for p in parts]),
-        labels=np.concatenate([p.labels for p in parts]),
-        modalities={m: np.concatenate([p.modalities[m] for p in parts]) for m in first.modalities},
-        subsets={s: np.concatenate([np.asarray(p.subsets[s]) for p in parts]) for s in first.subsets},
-        lengths={m: np.concatenate([p.lengths[m] for p in parts]) for m in first.lengths},
-    )
 
 
 class DatasetWriter:
