@@ -63,7 +63,9 @@ Stored dtypes
     ``float64`` is cast to ``float32`` (half the size; training runs in float32 anyway). ``bool`` is
     stored as ``uint8`` (the reader hands out zero-copy views, which Arrow's bit-packed booleans cannot
     give). Other integer and float dtypes are kept as they are; anything else (complex, strings,
-    objects, dates) is refused.
+    objects, dates) is refused. ``store_dtypes`` (``--store-dtype audio=float16``) narrows a modality
+    further — spectrograms to float16, pixel values to uint8 — once every value is checked to fit; the
+    device casts them back to float32 after the copy (``datasets/device_feed.py``).
 
 Output
     The canonical directory (``format.py``) at ``out`` if given, else ``<root>/<name>`` with ``root``
@@ -84,6 +86,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -154,11 +157,14 @@ def import_folder(
     split_seed: int = 2,
     classes_file: str | os.PathLike[str] | None = None,
     standardize: bool = False,
+    store_dtypes: Mapping[str, str] | None = None,
 ) -> Path:
     """Validate ``folder`` (layout in the module docstring), write the canonical dataset, return its path.
 
     Everything is read and checked before the (atomic) write, so a bad input leaves nothing behind.
-    ``standardize`` rescales float modalities with training-split statistics (``train_statistics``).
+    ``standardize`` rescales float modalities with training-split statistics (``train_statistics``);
+    ``store_dtypes`` stores modalities in a narrower dtype (``{"audio": "float16"}``: half the bytes
+    read and sent per batch), after checking every value fits.
     """
     folder = Path(folder)
     if not _NAME_RE.match(name):
@@ -178,7 +184,7 @@ def import_folder(
         directory = (Path(root) if root is not None else default_data_root()) / name
     _check_target(directory, folder)
 
-    pool, options, indices = _checked_split(folder, split, split_seed, classes_file)
+    pool, options, indices = _checked_split(folder, split, split_seed, classes_file, store_dtypes)
     stats = {
         m: train_statistics(v, indices["train"], pool.arrays.lengths.get(m))
         for m, v in pool.arrays.modalities.items()
@@ -267,12 +273,13 @@ def describe_import(
     split: str = "midas70",
     split_seed: int = 2,
     classes_file: str | os.PathLike[str] | None = None,
+    store_dtypes: Mapping[str, str] | None = None,
 ) -> str:
     """What ``import_folder`` would write, checked as it would check it, without writing anything (the
     CLI's ``--dry-run``): each modality's stored dtype and shape with its source, the modality order, the
     rows of each split and the class counts per split."""
     folder = Path(folder)
-    pool, options, indices = _checked_split(folder, split, split_seed, classes_file)
+    pool, options, indices = _checked_split(folder, split, split_seed, classes_file, store_dtypes)
     lines = [
         f"would import {len(pool.arrays.ids)} samples from {folder} (split {split}"
         + (f", split_seed {split_seed})" if split == "midas70" else ")")
@@ -291,10 +298,17 @@ def describe_import(
 
 
 def _checked_split(
-    folder: Path, split: str, split_seed: int, classes_file: str | os.PathLike[str] | None
+    folder: Path,
+    split: str,
+    split_seed: int,
+    classes_file: str | os.PathLike[str] | None,
+    store_dtypes: Mapping[str, str] | None = None,
 ) -> tuple[Pool, dict[str, Any], dict[str, np.ndarray]]:
     """The folder read and checked, and its rows of each split (what an import and its dry run share)."""
     pool, options = load_folder(folder, classes_file=classes_file, require_split=split == "official")
+    for modality, dtype in (store_dtypes or {}).items():
+        pool.arrays.modalities[modality] = _narrowed(pool.arrays.modalities, modality, dtype, folder)
+        options["modalities"][modality]["stored_as"] = dtype
     if split == "midas70":
         _check_midas70(folder / LABELS_FILE, pool)
     indices = split_indices(split, pool.arrays.labels, pool.official_split, split_seed, str(folder))
@@ -614,6 +628,41 @@ def _stored_dtype(values: np.ndarray | FileRowsArray, path: Path) -> np.ndarray 
         return values
     if isinstance(values, FileRowsArray):  # its rows are read (and cast) as they are written anyway
         return FileRowsArray(values.paths, values.row_shape, values.source_dtype, target, values.lengths)
+    return CastArray(values, target)
+
+
+NARROW_DTYPES = ("float16", "float32", "uint8", "int8", "uint16", "int16", "int32")
+
+
+def _narrowed(modalities: Mapping[str, Any], modality: str, dtype: str, folder: Path) -> CastArray:
+    """A modality stored as ``dtype`` (``--store-dtype``): floats to float16/float32, integers to any
+    of ``NARROW_DTYPES``; every value must fit (checked here, piece by piece), and a float is never
+    stored as an integer (that needs a scale: keep it float and normalise with a transform)."""
+    if modality not in modalities:
+        raise DatasetFormatError(
+            f"--store-dtype {modality}={dtype}: {folder} has no modality {modality!r} "
+            f"(it has {sorted(modalities)})"
+        )
+    if dtype not in NARROW_DTYPES:
+        raise DatasetFormatError(
+            f"--store-dtype {modality}={dtype}: allowed dtypes are {list(NARROW_DTYPES)}"
+        )
+    values, target = modalities[modality], np.dtype(dtype)
+    if target.kind in "iu" and values.dtype.kind == "f":
+        raise DatasetFormatError(
+            f"--store-dtype {modality}={dtype}: {modality!r} holds {values.dtype} values; floats are not "
+            "stored as integers (keep a float dtype, e.g. float16)"
+        )
+    info = np.finfo(target) if target.kind == "f" else np.iinfo(target)
+    step = max(1, 16 * 2**20 // max(1, values.dtype.itemsize * int(np.prod(values.shape[1:]))))
+    for start in range(0, len(values), step):
+        chunk = np.asarray(values[np.arange(start, min(start + step, len(values)))])
+        low, high = chunk.min(), chunk.max()
+        if low < info.min or high > info.max:
+            raise DatasetFormatError(
+                f"--store-dtype {modality}={dtype}: {modality!r} holds values in [{low}, {high}] among rows "
+                f"{start}..{start + len(chunk) - 1}, outside {dtype}'s [{info.min}, {info.max}]"
+            )
     return CastArray(values, target)
 
 

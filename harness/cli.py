@@ -81,6 +81,7 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
                 split=args.split,
                 split_seed=args.split_seed,
                 classes_file=args.classes_file,
+                store_dtypes=_store_dtypes(args.store_dtype),
             )
         )
         return EXIT_OK
@@ -93,9 +94,23 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
         split_seed=args.split_seed,
         classes_file=args.classes_file,
         standardize=args.standardize,
+        store_dtypes=_store_dtypes(args.store_dtype),
     )
     _print_manifest(ArrowDataset(path))
     return EXIT_OK
+
+
+def _store_dtypes(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``MODALITY=DTYPE`` pairs of ``--store-dtype``."""
+    from midasbench.harness.errors import ConfigError
+
+    out = {}
+    for pair in pairs or []:
+        modality, sep, dtype = pair.partition("=")
+        if not sep or not modality or not dtype:
+            raise ConfigError(f"--store-dtype {pair!r}: expected MODALITY=DTYPE, e.g. audio=float16")
+        out[modality] = dtype
+    return out
 
 
 def _cmd_data_extract(args: argparse.Namespace) -> int:
@@ -410,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rescale float modalities to zero mean and unit std with training-split statistics "
         "(stored in the manifest)",
+    )
+    p.add_argument(
+        "--store-dtype",
+        action="append",
+        metavar="MODALITY=DTYPE",
+        help="store a modality narrower, e.g. audio=float16 or frames=uint8 (every value must fit); "
+        "the device casts it back to float32",
     )
     p.set_defaults(func=_cmd_data_import)
 

@@ -462,3 +462,39 @@ def test_standardize_uses_training_statistics_only_and_records_them(tmp_path: Pa
         np.testing.assert_allclose(part.columns["audio"].to_numpy(), expected, rtol=1e-5, atol=1e-5)
     train = data.split("train").columns["audio"].to_numpy()
     np.testing.assert_allclose(train.mean(axis=0), 0, atol=1e-4)
+
+
+def test_store_dtype_narrows_a_modality_after_checking_every_value_fits(tmp_path):
+    from midasbench.datasets.importer import describe_import, import_folder
+
+    folder = tmp_path / "narrow"
+    folder.mkdir()
+    n = 30
+    (folder / "labels.csv").write_text("label\n" + "".join(f"{i % 3}\n" for i in range(n)))
+    spec = np.linspace(-3.0, 3.0, n * 4, dtype=np.float32).reshape(n, 4)
+    np.save(folder / "audio.npy", spec)
+    np.save(folder / "pixels.npy", np.arange(n * 2, dtype=np.int64).reshape(n, 2))
+    narrow = {"audio": "float16", "pixels": "uint8"}
+    assert "audio: float16[4]" in describe_import(folder, store_dtypes=narrow)
+    ds = ArrowDataset(import_folder(folder, name="narrow", out=tmp_path / "out", store_dtypes=narrow))
+    assert ds.manifest.modalities["audio"].dtype == "float16"
+    assert ds.manifest.modalities["pixels"].dtype == "uint8"
+    assert ds.manifest.build_options["modalities"]["audio"]["stored_as"] == "float16"
+    rows = {int(i[3:]): k for k, i in enumerate(ds.split("train").ids)}  # ids are row<k>
+    stored = ds.split("train").columns["audio"].to_numpy()
+    for row, k in rows.items():
+        np.testing.assert_array_equal(stored[k], spec[row].astype(np.float16))
+    np.save(folder / "pixels.npy", np.full((n, 2), 300, dtype=np.int64))
+    with pytest.raises(DatasetFormatError, match=r"pixels=uint8: 'pixels' holds values in \[300, 300\]"):
+        import_folder(folder, name="narrow", out=tmp_path / "out2", store_dtypes=narrow)
+    with pytest.raises(DatasetFormatError, match="floats are not stored as integers"):
+        import_folder(folder, name="narrow", out=tmp_path / "out3", store_dtypes={"audio": "uint8"})
+    with pytest.raises(DatasetFormatError, match=r"has no modality 'video'"):
+        import_folder(folder, name="narrow", out=tmp_path / "out4", store_dtypes={"video": "uint8"})
+
+
+def test_store_dtype_flag_of_the_cli(tmp_path, capsys):
+    from midasbench.harness.cli import EXIT_USAGE, main
+
+    assert main(["data", "import", str(tmp_path), "--name", "x", "--store-dtype", "audio"]) == EXIT_USAGE
+    assert "expected MODALITY=DTYPE" in capsys.readouterr().err
