@@ -47,6 +47,7 @@ from .format import (
     read_manifest,
 )
 from .sharded_build import (
+    DecodedPool,
     ShardedSource,
     build_lock,
     decode_in_memory,
@@ -181,7 +182,7 @@ def build_dataset(
     work = work_directory(directory)
     with build_lock(work, announce=show):
         if force or not _is_complete(directory):  # else another process built it while we waited
-            arrays = decode_shards(
+            decoded = decode_shards(
                 source,
                 parsed,
                 work,
@@ -191,7 +192,9 @@ def build_dataset(
                 progress=show,
                 fresh=force,
             )
-            write_pool(_pool_of(source, arrays), directory, **write)
+            if decoded.skipped:  # --skip-bad: every skipped sample is listed in the manifest
+                write["build_options"] = {**write["build_options"], "skipped": _skip_list(source, decoded)}
+            write_pool(_pool_of(source, decoded), directory, **write)
         discard_work_directory(work)  # only once the dataset is complete (kept on any error above)
     return directory
 
@@ -204,13 +207,19 @@ def _is_complete(directory: Path) -> bool:
     return True
 
 
-def _pool_of(source: ShardedSource, arrays: SplitArrays) -> Pool:
+def _pool_of(source: ShardedSource, decoded: DecodedPool) -> Pool:
+    """The pool of the decoded rows (the official split of the items they came from)."""
+    official = None if source.official_split is None else np.asarray(source.official_split)[decoded.kept]
     return Pool(
         classes=list(source.classes),
-        arrays=arrays,
-        official_split=source.official_split,
+        arrays=decoded.arrays,
+        official_split=official,
         modality_kinds=dict(source.modality_kinds),
     )
+
+
+def _skip_list(source: ShardedSource, decoded: DecodedPool) -> list[dict[str, str]]:
+    return [{"item": str(source.item_name(source.items[i])), "reason": why} for i, why in decoded.skipped]
 
 
 def write_pool(

@@ -84,6 +84,26 @@ class ShardedSource:
     workers on one machine, but not across machines with different core counts."""
 
 
+@dataclass
+class DecodedShard:
+    """What ``decode`` may return instead of a plain ``SplitArrays`` when some items could not be
+    decoded and the build skips bad samples (``--skip-bad``): the rows of the other items, in order, and
+    per skipped item its offset in the shard and why. Every skip is listed in the manifest."""
+
+    arrays: SplitArrays
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class DecodedPool:
+    """The decoded pool: its arrays (modalities lazy over the shards), the index of the item each row
+    came from, and the skipped items (index, reason)."""
+
+    arrays: SplitArrays
+    kept: np.ndarray
+    skipped: list[tuple[int, str]]
+
+
 class ShardBuildError(DatasetFormatError):
     """Decoding or storing a shard failed; the message names the item (or the shard's items)."""
 
@@ -154,19 +174,29 @@ def _run_task(task: _ShardTask) -> int:
     _CURRENT_ITEM[0] = None
     try:
         with _thread_limit(task.blas_threads):
-            arrays = task.decode(task.items, task.options)
+            decoded = _as_decoded(task.decode(task.items, task.options))
     except Exception as exc:
         summary = f"{type(exc).__name__}: {exc}"
         raise _WorkerFailure(task.shard.index, _CURRENT_ITEM[0], summary) from exc
     finally:
         _CURRENT_ITEM[0] = None
-    if not isinstance(arrays, SplitArrays) or len(arrays.ids) != len(task.items):
-        rows = len(arrays.ids) if isinstance(arrays, SplitArrays) else type(arrays).__name__
+    rows = len(decoded.arrays.ids)
+    if rows + len(decoded.skipped) != len(task.items):
         raise _WorkerFailure(
-            task.shard.index, None, f"decode returned {rows} rows for {len(task.items)} items"
+            task.shard.index,
+            None,
+            f"decode returned {rows} rows and {len(decoded.skipped)} skipped for {len(task.items)} items",
         )
-    _write_shard(Path(task.work_dir), task.shard, arrays)
-    return len(arrays.ids)
+    _write_shard(Path(task.work_dir), task.shard, decoded)
+    return len(task.items)
+
+
+def _as_decoded(result: Any) -> DecodedShard:
+    if isinstance(result, DecodedShard):
+        return result
+    if isinstance(result, SplitArrays):
+        return DecodedShard(result)
+    raise TypeError(f"decode returned {type(result).__name__}, not SplitArrays or DecodedShard")
 
 
 @contextmanager
@@ -186,13 +216,19 @@ def _save(path: Path, array: np.ndarray) -> None:
     _fsync(path)
 
 
-def _write_shard(work_dir: Path, shard: _Shard, arrays: SplitArrays) -> None:
+def _write_shard(work_dir: Path, shard: _Shard, decoded: DecodedShard) -> None:
     """Store a shard's arrays in a hidden temporary folder, then rename it into place: a shard folder
     that exists is complete. Files are numbered (the names live in ``meta.json``) so that any modality
     name is safe."""
     tmp = work_dir / f".{shard.folder_name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    meta: dict[str, Any] = {"first_item": shard.start, "rows": shard.stop - shard.start}
+    arrays = decoded.arrays
+    meta: dict[str, Any] = {
+        "first_item": shard.start,
+        "items": shard.stop - shard.start,
+        "rows": len(arrays.ids),
+        "skipped": [[int(offset), str(reason)] for offset, reason in decoded.skipped],
+    }
     _save(tmp / "ids.npy", arrays.ids)
     _save(tmp / "labels.npy", arrays.labels)
     for kind, columns in (
@@ -234,7 +270,7 @@ def _shard_is_complete(folder: Path, shard: _Shard) -> bool:
     row count (a header read through a memory map: the data is not read)."""
     try:
         meta = json.loads((folder / SHARD_META_NAME).read_text())
-        if meta["first_item"] != shard.start or meta["rows"] != shard.stop - shard.start:
+        if meta["first_item"] != shard.start or meta["items"] != shard.stop - shard.start:
             return False
         return all(len(np.load(folder / f, mmap_mode="r")) == meta["rows"] for f in _shard_files(meta))
     except (OSError, ValueError, KeyError, TypeError):
@@ -359,9 +395,9 @@ def decode_shards(
     workers: int | None = None,
     progress: bool | str = "auto",
     fresh: bool = False,
-) -> SplitArrays:
-    """Decode every shard not yet stored in ``work_dir`` (all of them if ``fresh``) and return the pool's
-    arrays, their modalities lazy over the stored shards. The caller holds ``build_lock(work_dir)``."""
+) -> DecodedPool:
+    """Decode every shard not yet stored in ``work_dir`` (all of them if ``fresh``) and return the pool,
+    its modalities lazy over the stored shards. The caller holds ``build_lock(work_dir)``."""
     _check_source(source, builder, workers)
     shards = _plan(len(source.items), source.shard_size)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -542,9 +578,10 @@ class ShardedArray:
         return out[0] if scalar else out
 
 
-def open_shards(work_dir: Path, shards: list[_Shard], builder: str) -> SplitArrays:
-    """The stored shards as one ``SplitArrays``: ids, labels, subsets and lengths (small) in memory, each
-    modality a ``ShardedArray``. Every shard must hold the same columns."""
+def open_shards(work_dir: Path, shards: list[_Shard], builder: str) -> DecodedPool:
+    """The stored shards as one pool: ids, labels, subsets and lengths (small) in memory, each modality
+    a ``ShardedArray``, with the items the rows came from and those skipped. Every shard must hold the
+    same columns."""
     metas = [_read_meta(work_dir / s.folder_name) for s in shards]
     first = metas[0]
     for shard, meta in zip(shards, metas, strict=True):
@@ -561,22 +598,35 @@ def open_shards(work_dir: Path, shards: list[_Shard], builder: str) -> SplitArra
     def loaded(paths: list[Path]) -> np.ndarray:
         return np.concatenate([np.load(p, allow_pickle=False) for p in paths])
 
-    return SplitArrays(
+    arrays = SplitArrays(
         ids=loaded([work_dir / s.folder_name / "ids.npy" for s in shards]),
         labels=loaded([work_dir / s.folder_name / "labels.npy" for s in shards]),
         modalities={name: ShardedArray(column("modalities", name), name) for name in first["modalities"]},
         subsets={name: loaded(column("subsets", name)) for name in first["subsets"]},
         lengths={name: loaded(column("lengths", name)) for name in first["lengths"]},
     )
+    return DecodedPool(arrays, *_kept_and_skipped(shards, metas))
 
 
-def decode_in_memory(source: ShardedSource, options: Any, builder: str) -> SplitArrays:
+def _kept_and_skipped(
+    shards: list[_Shard], metas: list[dict[str, Any]]
+) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Per row, the index of its item; and each skipped item's index and reason, from the shards' meta."""
+    kept: list[np.ndarray] = []
+    skipped: list[tuple[int, str]] = []
+    for shard, meta in zip(shards, metas, strict=True):
+        gone = {int(offset) for offset, _ in meta["skipped"]}
+        skipped += [(shard.start + int(offset), str(reason)) for offset, reason in meta["skipped"]]
+        kept.append(np.array([i for i in range(shard.start, shard.stop) if i - shard.start not in gone]))
+    return np.concatenate(kept).astype(np.int64), skipped
+
+
+def decode_in_memory(source: ShardedSource, options: Any, builder: str) -> DecodedPool:
     """Every shard decoded in this process and concatenated in memory (``DatasetBuilder.build_pool`` of
     a sharded builder: for callers that want the pool itself; builds go through ``decode_shards``)."""
     _check_source(source, builder, 1)
+    shards = _plan(len(source.items), source.shard_size)
     with _thread_limit(source.blas_threads):
-        parts = [
-            source.decode(list(source.items[s.start : s.stop]), options)
-            for s in _plan(len(source.items), source.shard_size)
-        ]
-    return concat_splits(parts)
+        parts = [_as_decoded(source.decode(list(source.items[s.start : s.stop]), options)) for s in shards]
+    metas = [{"skipped": p.skipped} for p in parts]
+    return DecodedPool(concat_splits([p.arrays for p in parts]), *_kept_and_skipped(shards, metas))

@@ -12,7 +12,7 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 VARIANTS = {"midas-code", "midas-paper"}
 
 
-@pytest.mark.parametrize("name", ["sweep_synthetic.yaml", "sweep_baselines.yaml"])
+@pytest.mark.parametrize("name", ["sweep_synthetic.yaml", "sweep_baselines.yaml", "sweep_frozen_heads.yaml"])
 def test_example_sweeps_expand(name):
     assert expand(load_sweep(EXAMPLES / name), name).trials
 

@@ -27,6 +27,7 @@ from midasbench.datasets.builders import (
 from midasbench.datasets.format import SplitArrays
 from midasbench.datasets.sharded_build import (
     BuildInterrupted,
+    DecodedShard,
     ShardBuildError,
     ShardedSource,
     track_items,
@@ -259,3 +260,44 @@ def test_avdigits_parallel_build_is_bit_identical(tmp_path):
     parallel = build_dataset("avdigits", root=tmp_path / "two", options=options, workers=2, progress=False)
     assert _hash(serial) == _hash(parallel)
     assert sum(s.rows for s in ArrowDataset(parallel).manifest.splits.values()) == 100
+
+
+def decode_skipping(items: Sequence[int], options: FakeOptions) -> DecodedShard:
+    """``decode_fake``, except that items with a ``skip-<i>`` file in ``log_dir`` are skipped as corrupt."""
+    log = Path(options.log_dir)
+    bad = [k for k, item in enumerate(items) if (log / f"skip-{item}").exists()]
+    good = [item for k, item in enumerate(items) if k not in bad]
+    return DecodedShard(decode_fake(good, options), [(k, f"corrupt raw/{items[k]:03d}.wav") for k in bad])
+
+
+class SkippingBuilder(FakeBuilder):
+    def sources(self, options: FakeOptions) -> ShardedSource:
+        source = super().sources(options)
+        source.decode = decode_skipping
+        return source
+
+
+def test_skipped_samples_are_dropped_with_their_split_and_listed_in_the_manifest(tmp_path: Path):
+    log = tmp_path / "log"
+    log.mkdir()
+    for item in (5, 17):  # item 17 is a "val" row of the official split (17 % 10 == 7)
+        (log / f"skip-{item}").write_text("")
+    with DATASETS.temporarily("fake_skipping", SkippingBuilder):
+        path = build_dataset(
+            "fake_skipping",
+            root=tmp_path / "data",
+            split="official",
+            options={"log_dir": str(log)},
+            workers=1,
+            progress=False,
+        )
+    dataset = ArrowDataset(path)
+    dataset.verify()
+    ids = {s: set(dataset.split(s).ids.tolist()) for s in ("train", "val", "test")}
+    assert "s005" not in ids["train"] and "s017" not in ids["val"]
+    assert sum(len(v) for v in ids.values()) == ITEMS - 2
+    assert ids["val"] == {"s007", "s027"}  # the official split of the kept items, unshifted
+    assert dataset.manifest.build_options["skipped"] == [
+        {"item": "raw/005.wav", "reason": "corrupt raw/005.wav"},
+        {"item": "raw/017.wav", "reason": "corrupt raw/017.wav"},
+    ]
