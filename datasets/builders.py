@@ -192,6 +192,7 @@ def build_dataset(
                 progress=show,
                 fresh=force,
             )
+            write["build_options"] = {**write["build_options"], **source.build_info}
             if decoded.skipped:  # --skip-bad: every skipped sample is listed in the manifest
                 write["build_options"] = {**write["build_options"], "skipped": _skip_list(source, decoded)}
             write_pool(_pool_of(source, decoded), directory, **write)

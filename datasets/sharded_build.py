@@ -76,6 +76,9 @@ class ShardedSource:
     modality_kinds: dict[str, str] = field(default_factory=dict)
     shard_size: int = DEFAULT_SHARD_SIZE
     item_name: Callable[[Any], str] = repr
+    build_info: dict[str, Any] = field(default_factory=dict)
+    """Facts of the build that go into the manifest's ``build_options`` beside the options (e.g. the
+    tokenizer's identity under ``"tokenizer"``); JSON-serialisable."""
     blas_threads: int | None = None
     """BLAS/OpenMP threads while a shard decodes, the same in this process and in every worker. BLAS
     results can depend on the thread count (a float32 matmul split over 2 threads differs in its last

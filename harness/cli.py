@@ -48,6 +48,16 @@ def _parse_options(pairs: Sequence[str]) -> dict:
     return apply_overrides({}, list(pairs))
 
 
+def _build_options(args: argparse.Namespace) -> dict:
+    """``KEY=VALUE`` options, with ``--raw`` as ``raw`` (the raw download's root) and ``--skip-bad``."""
+    options = _parse_options(args.options)
+    if args.raw is not None:
+        options["raw"] = str(Path(args.raw).expanduser().resolve())
+    if args.skip_bad:
+        options["skip_bad"] = True
+    return options
+
+
 def _cmd_data_build(args: argparse.Namespace) -> int:
     from midasbench.datasets import ArrowDataset, build_dataset
     from midasbench.datasets.sharded_build import BuildInterrupted
@@ -58,7 +68,7 @@ def _cmd_data_build(args: argparse.Namespace) -> int:
             root=args.root,
             split=args.split,
             split_seed=args.split_seed,
-            options=_parse_options(args.options),
+            options=_build_options(args),
             force=args.force,
             workers=args.workers,
             progress="auto" if args.progress is None else args.progress,
@@ -387,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="rebuild even if a complete copy exists (also discards the shards of an interrupted build)",
+    )
+    p.add_argument("--raw", metavar="PATH", help="root of the raw download (README 'Datasets')")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip samples whose raw file cannot be decoded (listed in the manifest) instead of failing",
     )
     p.add_argument(
         "--workers",

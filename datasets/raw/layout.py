@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..format import DatasetFormatError
 
-class RawDataError(ValueError):
-    """A raw file is missing, unreadable or malformed; the message names it."""
+
+class RawDataError(DatasetFormatError):
+    """A raw file is missing, unreadable or malformed; the message names it (the CLI exits 2: bad input)."""
 
 
 def require(path: Path, layout: str) -> Path:
