@@ -109,6 +109,9 @@ class MLPParams(Params):
     input_batchnorm: bool = Field(
         default=False, description="standardise raw inputs (e.g. unnormalised log-mels) with BatchNorm"
     )
+    lr_scale: float = Field(
+        default=1.0, gt=0, description="this encoder's lr as a multiple of the optimiser's"
+    )
 
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -165,7 +168,9 @@ class MLPEncoder(nn.Module):
 def build_mlp(input_shape: tuple[int, ...], input_dtype: str, params: MLPParams) -> nn.Module:
     if not input_shape or math.prod(input_shape) == 0:
         raise ConfigError(f"mlp encoder needs a non-empty per-sample input shape, got {input_shape}")
-    return MLPEncoder(input_shape, params)
+    encoder = MLPEncoder(input_shape, params)
+    encoder.lr_scale = params.lr_scale
+    return encoder
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,9 +205,32 @@ def build_identity(input_shape: tuple[int, ...], input_dtype: str, params: Param
 # ---------------------------------------------------------------------------------------------------------
 
 
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's ImageNet weights' inputs
+
+
 class ResNet18Params(Params):
-    pretrained_path: str | None = None
+    pretrained: Literal["imagenet"] | None = Field(
+        default=None,
+        description="imagenet: torchvision's ImageNet weights (downloaded once by torchvision into "
+        "$TORCH_HOME; offline, give pretrained_path instead)",
+    )
+    pretrained_path: str | None = Field(default=None, description="a local torchvision-format state_dict")
     zero_init_residual: bool = False
+    freeze: bool = Field(default=False, description="no gradient, BatchNorm in eval mode: a fixed extractor")
+    project_to: PositiveInt | None = Field(
+        default=None, description="a Linear from the 512-d pooled features to this width (Food-101: 256)"
+    )
+    lr_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="this encoder's lr as a multiple of the optimiser's (e.g. 0.1 when pretrained)",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ResNet18Params:
+        if self.pretrained is not None and self.pretrained_path is not None:
+            raise ValueError("set pretrained or pretrained_path, not both")
+        return self
 
 
 class ResNet18Encoder(nn.Module):
@@ -234,6 +262,32 @@ class ResNet18Encoder(nn.Module):
         self.video = video
         self.add_channel_axis = add_channel_axis
         self.out_dim = 512
+        self.projection: nn.Module | None = None
+        self.freeze = False
+        self.lr_scale = 1.0
+        self.pretrained_source: str | None = None  # what the weights came from (recorded with the run)
+        self.expected_normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def set_head(self, project_to: int | None, freeze: bool, lr_scale: float) -> None:
+        """The optional projection, the freezing and the lr multiple (``ResNet18Params``); frozen means
+        the trunk gets no gradient and keeps BatchNorm in eval mode (the projection still trains)."""
+        self.freeze, self.lr_scale = freeze, lr_scale
+        if freeze:
+            self.requires_grad_(False)
+        if project_to is not None:
+            self.projection = nn.Linear(512, project_to)
+            self.out_dim = project_to
+
+    def train(self, mode: bool = True) -> ResNet18Encoder:
+        super().train(mode)
+        if self.freeze:  # the trunk's running statistics stay those of its weights
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.projection(pooled) if self.projection is not None else pooled
 
     def _trunk(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -244,13 +298,13 @@ class ResNet18Encoder(nn.Module):
         if self.add_channel_axis:
             x = x.unsqueeze(1)
         if not self.video:
-            return F.adaptive_avg_pool2d(self._trunk(x), 1).flatten(1)
+            return self._project(F.adaptive_avg_pool2d(self._trunk(x), 1).flatten(1))
         b, c, t, h, w = x.shape
         # Fold frames into the batch for the 2-D trunk, then pool jointly over time and space.
         frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
         feats = self._trunk(frames)
         feats = feats.reshape(b, t, *feats.shape[1:]).permute(0, 2, 1, 3, 4)
-        return F.adaptive_avg_pool3d(feats, 1).flatten(1)
+        return self._project(F.adaptive_avg_pool3d(feats, 1).flatten(1))
 
     def stages(self) -> EncoderStages:
         """Four stages: stem + ``layer1`` (64 channels), ``layer2`` (128), ``layer3`` (256), ``layer4``
@@ -276,10 +330,27 @@ class ResNet18Encoder(nn.Module):
 
     def _stage_output(self, feats: torch.Tensor, batch_size: int) -> torch.Tensor:
         if not self.video:
-            return F.adaptive_avg_pool2d(feats, 1).flatten(1)
+            return self._project(F.adaptive_avg_pool2d(feats, 1).flatten(1))
         t = feats.shape[0] // batch_size
         feats = feats.reshape(batch_size, t, *feats.shape[1:]).permute(0, 2, 1, 3, 4)
-        return F.adaptive_avg_pool3d(feats, 1).flatten(1)
+        return self._project(F.adaptive_avg_pool3d(feats, 1).flatten(1))
+
+    def load_imagenet_weights(self) -> None:
+        """torchvision's ImageNet ResNet-18 weights (``IMAGENET1K_V1``), fetched by torchvision on first
+        use; offline, a message says how to give a local copy instead."""
+        weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as exc:  # URLError, OSError, HTTP errors: no internet or no cache
+            raise ConfigError(
+                f"resnet18 pretrained=imagenet: torchvision could not fetch {weights.url} ({exc}); on a "
+                'machine with internet run `python -c "import torchvision; torchvision.models.resnet18('
+                "weights='IMAGENET1K_V1')\"` once (it caches under $TORCH_HOME), or download the file and "
+                "set pretrained_path to it"
+            ) from exc
+        self._load_trunk_state(state, f"resnet18 pretrained=imagenet ({weights.url})")
+        self.pretrained_source = f"torchvision:{weights}"
+        self.expected_normalization = IMAGENET_STATS
 
     def load_torchvision_state_dict(self, path: str) -> None:
         """Load a local torchvision-format ResNet-18 state dict, skipping ``fc`` and a mismatched ``conv1``.
@@ -295,6 +366,13 @@ class ResNet18Encoder(nn.Module):
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ConfigError(f"{where} could not be loaded: {exc}") from exc
+        self._load_trunk_state(state, where)
+        self.pretrained_source = f"file:{file.resolve()}"
+        self.expected_normalization = IMAGENET_STATS  # torchvision-format weights are ImageNet-trained
+
+    def _load_trunk_state(self, state: Any, where: str) -> None:
+        """The trunk's weights from a torchvision-format state dict (``fc`` and a conv1 of another
+        channel count are skipped; any other missing weight is an error)."""
         if not isinstance(state, Mapping):
             raise ConfigError(f"{where} must hold a state_dict, got {type(state).__name__}")
         metadata = getattr(state, "_metadata", None)  # module versions, used e.g. by BatchNorm's loader
@@ -345,8 +423,11 @@ def build_resnet18(input_shape: tuple[int, ...], input_dtype: str, params: ResNe
             f"resnet18 encoder supports 1-3 input channels, got {in_channels} from input shape {input_shape}"
         )
     encoder = ResNet18Encoder(in_channels, video, add_channel_axis, params.zero_init_residual)
-    if params.pretrained_path is not None:
+    if params.pretrained == "imagenet":
+        encoder.load_imagenet_weights()
+    elif params.pretrained_path is not None:
         encoder.load_torchvision_state_dict(params.pretrained_path)
+    encoder.set_head(params.project_to, params.freeze, params.lr_scale)
     return encoder
 
 
@@ -361,6 +442,9 @@ class TransformerParams(Params):
     num_layers: PositiveInt = 2
     dim_feedforward: PositiveInt = 128
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    lr_scale: float = Field(
+        default=1.0, gt=0, description="this encoder's lr as a multiple of the optimiser's"
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> TransformerParams:
@@ -418,7 +502,9 @@ class SequenceTransformerEncoder(nn.Module):
 def build_transformer(input_shape: tuple[int, ...], input_dtype: str, params: TransformerParams) -> nn.Module:
     if len(input_shape) != 2:
         raise ConfigError(f"transformer encoder expects a 2-D input shape (T, D), got {input_shape}")
-    return SequenceTransformerEncoder(input_shape[0], input_shape[1], params)
+    encoder = SequenceTransformerEncoder(input_shape[0], input_shape[1], params)
+    encoder.lr_scale = params.lr_scale
+    return encoder
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,8 +516,13 @@ class HFTextParams(Params):
     model: str | None = None
     config: dict[str, Any] | None = None
     pooling: Literal["cls", "mean"] = "cls"
-    pad_token_id: int = 0
+    pad_token_id: int | None = Field(
+        default=None, description="padding id when the modality stores no lengths; null: the model config's"
+    )
     freeze: bool = False
+    lr_scale: float = Field(
+        default=1.0, gt=0, description="this encoder's lr as a multiple of the optimiser's (0.1: pretrained)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> HFTextParams:
@@ -449,9 +540,10 @@ class HFTextEncoder(nn.Module):
     """A ``transformers`` ``AutoModel`` on token ids, pooled to one vector per sample.
 
     The attention mask comes from the rows' ``lengths`` when the modality stores them (a variable-length
-    modality), else from ``pad_token_id``. With ``freeze`` the backbone's weights get no gradient and it
-    stays in eval mode even when the surrounding model trains, so a frozen encoder is a deterministic
-    feature extractor (no dropout).
+    modality), else from ``pad_token_id`` (by default the model config's own). A sentence pair is stored
+    as ``(L, 2)``: token ids and segment ids, handed to the model as ``token_type_ids`` (Twitter2015's
+    tweet and target). With ``freeze`` the backbone's weights get no gradient and it stays in eval mode
+    even when the surrounding model trains, so a frozen encoder is a deterministic feature extractor.
     """
 
     def __init__(self, backbone: nn.Module, pooling: str, pad_token_id: int, freeze: bool) -> None:
@@ -460,6 +552,8 @@ class HFTextEncoder(nn.Module):
         self.pooling = pooling
         self.pad_token_id = pad_token_id
         self.freeze = freeze
+        self.lr_scale = 1.0
+        self.pretrained_source: str | None = None
         self.out_dim: int = int(backbone.config.hidden_size)
         if freeze:
             self.backbone.requires_grad_(False)
@@ -475,11 +569,15 @@ class HFTextEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         ids = ids.long()
+        segments = None
+        if ids.ndim == 3:  # (B, L, 2): a sentence pair's ids and segment ids
+            ids, segments = ids[..., 0], ids[..., 1]
         if lengths is not None:
             mask = length_mask(lengths, ids.shape[1]).long()
         else:
             mask = (ids != self.pad_token_id).long()
-        hidden = self.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        extra = {} if segments is None else {"token_type_ids": segments}
+        hidden = self.backbone(input_ids=ids, attention_mask=mask, **extra).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -511,14 +609,17 @@ def _no_pooler_kwargs(config: Any) -> dict[str, Any]:
     description="Hugging Face AutoModel on token ids (pretrained by name/path or random from a config).",
 )
 def build_hf_text(input_shape: tuple[int, ...], input_dtype: str, params: HFTextParams) -> nn.Module:
-    if len(input_shape) != 1:
-        raise ConfigError(f"hf_text encoder expects token ids of shape (L,), got {input_shape}")
+    if len(input_shape) != 1 and not (len(input_shape) == 2 and input_shape[1] == 2):
+        raise ConfigError(
+            f"hf_text encoder expects token ids of shape (L,), or (L, 2) for a sentence pair's ids and "
+            f"segment ids, got {input_shape}"
+        )
     if not input_dtype.startswith(("int", "uint")):
         raise ConfigError(f"hf_text encoder expects integer token ids, got dtype {input_dtype!r}")
     from transformers import AutoConfig, AutoModel  # slow import: only when this encoder is used
 
     if params.model is not None:
-        config = AutoConfig.from_pretrained(params.model)
+        config = _pretrained_config(params.model)
         backbone = AutoModel.from_pretrained(params.model, config=config, **_no_pooler_kwargs(config))
     else:
         cfg = dict(params.config or {})
@@ -530,4 +631,21 @@ def build_hf_text(input_shape: tuple[int, ...], input_dtype: str, params: HFText
             f"hf_text: sequence length {input_shape[0]} exceeds the model's max_position_embeddings "
             f"({max_positions})"
         )
-    return HFTextEncoder(backbone, params.pooling, params.pad_token_id, params.freeze)
+    pad = params.pad_token_id if params.pad_token_id is not None else backbone.config.pad_token_id
+    encoder = HFTextEncoder(backbone, params.pooling, int(pad or 0), params.freeze)
+    encoder.lr_scale = params.lr_scale
+    encoder.pretrained_source = f"huggingface:{params.model}" if params.model is not None else None
+    return encoder
+
+
+def _pretrained_config(name: str) -> Any:
+    """``AutoConfig.from_pretrained`` with a message that says what to do offline."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise ConfigError(
+            f"hf_text model {name!r} could not be loaded ({exc}); on a machine without internet, download "
+            "it once elsewhere (`huggingface-cli download NAME`) and set model to its local folder"
+        ) from exc

@@ -74,9 +74,39 @@ def _group_dict(group: ParamGroup) -> dict:
     return out
 
 
+def encoder_lr_scales(model: nn.Module) -> dict[int, float]:
+    """``id(parameter) -> lr multiple`` for encoders whose ``lr_scale`` is not 1 (pretrained parts)."""
+    scales: dict[int, float] = {}
+    for encoder in getattr(model, "encoders", {}).values():
+        scale = float(getattr(encoder, "lr_scale", 1.0))
+        if scale != 1.0:
+            scales.update({id(p): scale for p in encoder.parameters()})
+    return scales
+
+
+def _split_by_lr_scale(group: dict, scales: dict[int, float], base_lr: float) -> list[dict]:
+    """A group as one group per lr multiple: the encoder's parameters at ``scale ×`` the group's lr (the
+    schedule then scales every group alike, so the ratio holds), named ``<group>@lr×<scale>``."""
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for p in group["params"]:
+        by_scale.setdefault(scales.get(id(p), 1.0), []).append(p)
+    if len(by_scale) <= 1 and 1.0 in by_scale:
+        return [group]
+    out = []
+    for scale, params in sorted(by_scale.items(), reverse=True):
+        part = {**group, "params": params}
+        if scale != 1.0:
+            part["lr"] = group.get("lr", base_lr) * scale
+            part["name"] = f"{group['name']}@lr×{scale:g}"
+        out.append(part)
+    return out
+
+
 def build_optimizers(cfg: RunConfig, method: Method, model: nn.Module) -> Optimizers:
-    """One optimiser per name the method's groups use; every parameter in at most one group."""
+    """One optimiser per name the method's groups use; every parameter in at most one group; an
+    encoder's ``lr_scale`` gives its parameters their own group at that multiple of the lr."""
     groups = method.param_groups(model)
+    scales = encoder_lr_scales(model)
     specs: dict[str, OptimizerSpec | OptimizerConfig] = {MAIN_OPTIMIZER: cfg.optimizer, **method.optimizers()}
     seen: dict[int, str] = {}
     by_optimizer: dict[str, list[dict]] = {}
@@ -92,7 +122,10 @@ def build_optimizers(cfg: RunConfig, method: Method, model: nn.Module) -> Optimi
                     f"method {method.name!r}: a parameter is in groups {seen[id(p)]!r} and {group.name!r}"
                 )
             seen[id(p)] = group.name
-        by_optimizer.setdefault(group.optimizer, []).append(_group_dict(group))
+        base_lr = specs[group.optimizer].lr
+        by_optimizer.setdefault(group.optimizer, []).extend(
+            _split_by_lr_scale(_group_dict(group), scales, base_lr)
+        )
     by_optimizer.setdefault(MAIN_OPTIMIZER, [])
     built, params = {}, {}
     for name in [MAIN_OPTIMIZER, *sorted(k for k in by_optimizer if k != MAIN_OPTIMIZER)]:

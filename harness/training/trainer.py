@@ -56,6 +56,7 @@ from midasbench.harness.training.distributed import (
 )
 from midasbench.harness.training.evaluation import encode_rows, evaluate
 from midasbench.harness.training.optim import Optimizers, build_optimizers, build_scheduler, make_optimizer
+from midasbench.harness.training.pretrained import check_normalization, check_tokenizers, pretrained_tags
 from midasbench.harness.training.runtime import Runtime, distributed_rank_and_size
 from midasbench.harness.training.unimodal_runs import init_encoder_sources, load_init_encoders
 from midasbench.methods import METHODS, Method, MethodContext, StepOutput, build_method
@@ -149,9 +150,12 @@ def build_run_model(
         init_sources = init_encoder_sources(cfg.model.init_encoders, tuple(manifest.modality_names))
     ckpt.seed_everything(cfg.train.seed)
     kind = METHODS.get(cfg.method.name).requires.resolve_model_kind(cfg.method.name, cfg.model.kind)
-    seen = manifest.model_copy(update={"modalities": input_pipelines(cfg, manifest).specs})
-    model = build_model(cfg.model, seen, kind)
-    return model, load_init_encoders(model, cfg, manifest, init_sources)
+    pipelines = input_pipelines(cfg, manifest)
+    check_tokenizers(cfg, manifest)
+    model = build_model(cfg.model, manifest.model_copy(update={"modalities": pipelines.specs}), kind)
+    check_normalization(pipelines, model)
+    tags = pretrained_tags(model)  # before init_encoders may replace the weights
+    return model, {**tags, **load_init_encoders(model, cfg, manifest, init_sources)}
 
 
 def _progress(setting: bool | str, rank: int, total: int, initial: int) -> Any:
@@ -415,7 +419,8 @@ class TrainingRun:
             "train.world_size": str(self.runtime.world_size),
             "train.batch_size_per_rank": str(t.batch_size),
             "config.fingerprint": self.fingerprint,
-            **self.init_encoder_tags,  # init_encoders.<m>.source / .checkpoint / .fingerprint / .sha256
+            # pretrained.<m>.source / .sha256; init_encoders.<m>.source / .checkpoint / .fingerprint / .sha256
+            **self.init_encoder_tags,
             **{f"version.{k}": v for k, v in package_versions().items()},
             **self.cfg.tracking.tags,
         }
