@@ -130,8 +130,15 @@ def register_dataset(name: str) -> Any:
     return decorator
 
 
+# Where a build's raw download lives and how it treats undecodable files: not what the dataset *is*, so
+# not part of its directory name — `midasbench train cremad` finds what `data build cremad --raw PATH`
+# built without repeating the path. Both are recorded in the manifest's build_options.
+LOCATION_OPTIONS = ("raw", "skip_bad")
+
+
 def options_hash(options: BaseModel) -> str:
-    canonical = json.dumps(options.model_dump(mode="json"), sort_keys=True)
+    identity = {k: v for k, v in options.model_dump(mode="json").items() if k not in LOCATION_OPTIONS}
+    canonical = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
@@ -158,13 +165,22 @@ def build_dataset(
     ``force`` rebuilds from scratch, discarding the stored shards of an interrupted build too.
     """
     builder_cls = DATASETS.get(name)
-    parsed = builder_cls.parse_options(options)
+    options = dict(options or {})
+    raw_missing = "raw" in builder_cls.Options.model_fields and not options.get("raw")
+    parsed = builder_cls.parse_options({**options, "raw": ""} if raw_missing else options)
     workers, show = resolve_workers(workers), resolve_progress(progress)  # bad values fail before any work
     directory = dataset_directory(
         Path(root) if root else default_data_root(), name, split, split_seed, parsed
     )
     if not force and _is_complete(directory):
         return directory
+    if raw_missing:
+        raise DatasetFormatError(
+            f"dataset {name!r} is not built yet ({directory} holds no dataset for split {split!r} and these "
+            f"options); build it from its raw download first: `midasbench data build {name} --raw PATH"
+            + (f" --split {split}" if split != "midas70" else "")
+            + "` with the same options (README 'Datasets')"
+        )
     builder = builder_cls()
     source = builder.sources(parsed)
     write = {
@@ -179,6 +195,12 @@ def build_dataset(
     if source is None:
         write_pool(builder.build_pool(parsed), directory, **write)
         return directory
+    if split == "official" and source.official_split is None:  # before hours of decoding, not after
+        raise DatasetFormatError(
+            f"dataset {name!r}: split 'official' needs the dataset's own split lists, and the raw folder "
+            f"{parsed.model_dump().get('raw', '')!s} gives none; use --split midas70 or add the lists "
+            f"(docs/datasets/{name}.md)"
+        )
     work = work_directory(directory)
     with build_lock(work, announce=show):
         if force or not _is_complete(directory):  # else another process built it while we waited

@@ -172,3 +172,15 @@ def test_an_unloadable_tokenizer_says_what_to_do_offline(tmp_path: Path):
 
     with pytest.raises(RawDataError, match="pass its local folder instead"):
         load_tokenizer(str(tmp_path / "nothing-here"))
+
+
+def test_frame_folders_read_in_natural_order(tmp_path: Path):
+    from midasbench.datasets.raw.video import frame_files
+
+    for name in ("frame_000010.jpg", "frame_00002.jpg", "frame_00001.jpg"):
+        write_jpg(tmp_path / name, (10, 10, 10))
+    assert [p.name for p in frame_files(tmp_path)] == [
+        "frame_00001.jpg",
+        "frame_00002.jpg",
+        "frame_000010.jpg",
+    ]

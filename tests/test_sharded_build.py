@@ -24,7 +24,7 @@ from midasbench.datasets.builders import (
     build_dataset,
     dataset_directory,
 )
-from midasbench.datasets.format import SplitArrays
+from midasbench.datasets.format import DatasetFormatError, SplitArrays
 from midasbench.datasets.sharded_build import (
     BuildInterrupted,
     DecodedShard,
@@ -301,3 +301,35 @@ def test_skipped_samples_are_dropped_with_their_split_and_listed_in_the_manifest
         {"item": "raw/005.wav", "reason": "corrupt raw/005.wav"},
         {"item": "raw/017.wav", "reason": "corrupt raw/017.wav"},
     ]
+
+
+class RawOptions(FakeOptions):
+    raw: str
+    skip_bad: bool = False
+
+
+class RawBuilder(FakeBuilder):
+    Options = RawOptions
+
+
+def test_a_build_is_found_without_its_raw_path_and_an_unbuilt_one_says_how_to_build_it(tmp_path: Path):
+    log = tmp_path / "log"
+    log.mkdir()
+    with DATASETS.temporarily("fake_raw", RawBuilder):
+        options = {"log_dir": str(log)}
+        with pytest.raises(
+            DatasetFormatError, match=r"not built yet .* `midasbench data build fake_raw --raw PATH --split official`"
+        ):
+            build_dataset("fake_raw", root=tmp_path / "data", split="official", options=options)
+        built = build_dataset(
+            "fake_raw", root=tmp_path / "data", split="official", options={**options, "raw": "/x"}, workers=1
+        )
+        again = build_dataset("fake_raw", root=tmp_path / "data", split="official", options=options)
+        moved = build_dataset(
+            "fake_raw",
+            root=tmp_path / "data",
+            split="official",
+            options={**options, "raw": "/y", "skip_bad": True},
+        )
+    assert built == again == moved  # where the raw data lives is not what the dataset is
+    assert ArrowDataset(built).manifest.build_options["raw"] == "/x"  # but it is recorded

@@ -7,12 +7,13 @@ choose among the stored frames (``frames`` transform: a random frame per segment
 middle one for evaluation), so store more frames than the model reads (e.g. 10 stored, 3 read, as the
 Kinetics-Sounds release keeps 10 one-per-second frames).
 
-A frame folder is listed in sorted order (the MIDAS Kinetics loader indexes an unsorted
-``os.listdir``; spec §2.2 notes the nondeterminism).
+A frame folder is listed in natural order of its file names (the MIDAS Kinetics loader indexes an
+unsorted ``os.listdir``; spec §2.2 notes the nondeterminism).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,11 +32,19 @@ def spread(available: int, count: int) -> list[int]:
     return [min(available - 1, int((k + 0.5) * available / count)) for k in range(count)]
 
 
+def natural_key(name: str) -> list[int | str]:
+    """Sort key reading digit runs as numbers: ``frame_2`` before ``frame_10`` whatever the padding."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def frame_files(folder: Path, suffixes: Sequence[str] = FRAME_SUFFIXES) -> list[Path]:
-    """The image files of a frame folder, sorted by name."""
+    """The image files of a frame folder, in natural order of their names (numbers compared as numbers:
+    a release that pads ``frame_00002`` but not ``frame_000010`` still reads in time order)."""
     if not folder.is_dir():
         raise RawDataError(f"{folder}: frame folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    files = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in suffixes), key=lambda p: natural_key(p.name)
+    )
     if not files:
         raise RawDataError(f"{folder}: holds no frames ({', '.join(suffixes)} files)")
     return files
