@@ -54,7 +54,9 @@ def test_heads_train_on_the_features_and_the_runs_are_tagged_as_the_frozen_track
     run = TrainingRun(run_cfg)
     assert not list(run.model.encoders.parameters())  # heads only
     assert run.run_tags()["dataset.track"] == "frozen-features"
-    assert TrainingRun(cfg).run_tags()["dataset.track"] == "end-to-end"
+    tags = TrainingRun(cfg).run_tags()
+    assert tags["dataset.track"] == "end-to-end"
+    assert (tags["split.train.rows"], tags["split.val.rows"], tags["split.test.rows"]) == ("240", "80", "160")
     result = train(run_cfg)
     assert 0.0 <= result.test["acc"] <= 1.0 and result.best_epoch >= 0
 

@@ -411,6 +411,7 @@ class TrainingRun:
             "split.protocol": m.split_protocol,
             "split.seed": str(m.split_seed),
             **{f"split.{s}.ids_sha256": info.ids_sha256 for s, info in m.splits.items()},
+            **{f"split.{s}.rows": str(info.rows) for s, info in m.splits.items()},
             "method.name": self.method.name,
             "method.label": self.method.label,
             "method.fidelity": self.method.fidelity,
