@@ -54,7 +54,7 @@ from .format import DatasetFormatError, SplitArrays
 from .raw.audio import CLIP_FRAMES, MEL_BINS, fbank_clip
 from .raw.layout import RawDataError, require, require_dir
 from .raw.video import frame_files, read_frame_folder, read_video_file
-from .sharded_build import DecodedShard, ShardedSource, track_items
+from .sharded_build import DecodedShard, ShardedSource, decode_items
 
 CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")  # sorted, as the MIDAS code orders them (§2.1)
 SHARD_SIZE = 64  # clips per decoded shard (about 60 MB of frames at the defaults)
@@ -341,21 +341,13 @@ def decode_av_clips(items: Sequence[AVClip], options: AVDecodeOptions) -> SplitA
     at ``image_size``. A clip whose files are missing or do not decode stops the build (naming the
     file), or with ``skip_bad`` is skipped and reported."""
     size = (options.image_size, options.image_size)
-    kept: list[AVClip] = []
-    audio, visual = [], []
-    skipped: list[tuple[int, str]] = []
-    for offset, item in enumerate(track_items(items)):
-        try:
-            clip_audio = fbank_clip(require(Path(item.audio), "  a WAV file per clip"), options.audio_frames)
-            clip_visual = _read_visual(item, options.frames, size, options.min_frames)
-        except RawDataError as exc:
-            if not options.skip_bad:
-                raise
-            skipped.append((offset, str(exc)))
-            continue
-        kept.append(item)
-        audio.append(clip_audio)
-        visual.append(clip_visual)
+
+    def decode_one(item: AVClip) -> tuple[np.ndarray, np.ndarray]:
+        audio = fbank_clip(require(Path(item.audio), "  a WAV file per clip"), options.audio_frames)
+        return audio, _read_visual(item, options.frames, size, options.min_frames)
+
+    kept, decoded, skipped = decode_items(items, decode_one, options.skip_bad)
+    audio, visual = [a for a, _ in decoded], [v for _, v in decoded]
     arrays = SplitArrays(
         ids=np.array([item.clip_id for item in kept], dtype=str),
         labels=np.array([item.label for item in kept], dtype=np.int64),

@@ -33,7 +33,7 @@ from .format import SplitArrays
 from .raw.image import read_image
 from .raw.layout import RawDataError, require
 from .raw.text import TOKENIZER_KEY, encode, identity, load_tokenizer
-from .sharded_build import DecodedShard, track_items
+from .sharded_build import DecodedShard, decode_items
 
 TEXT, VISUAL = "text", "visual"
 DEFAULT_TOKENIZER = "google/electra-small-discriminator"  # the MIDAS Food-101 text encoder (§1.3)
@@ -124,18 +124,9 @@ def decode_image_text(
     (pairs when the items carry a second sentence). A corrupt image raises ``RawDataError`` naming it,
     or with ``skip_bad`` drops that item and lists it with the reason."""
     size = (options.image_size, options.image_size)
-    pixels: list[np.ndarray] = []
-    kept: list[ImageTextItem] = []
-    skipped: list[tuple[int, str]] = []
-    for offset, item in enumerate(track_items(items)):
-        try:
-            pixels.append(read_image(Path(item.image), size))
-        except RawDataError as exc:
-            if not options.skip_bad:
-                raise
-            skipped.append((offset, str(exc)))
-            continue
-        kept.append(item)
+    kept, pixels, skipped = decode_items(
+        items, lambda item: read_image(Path(item.image), size), options.skip_bad
+    )
     arrays = _rows(kept, pixels, options, pairs=items[0].pair is not None)
     return DecodedShard(arrays, skipped) if skipped else arrays
 

@@ -47,7 +47,7 @@ from pydantic import Field
 from .builders import BuilderOptions, DatasetBuilder, register_dataset
 from .format import SplitArrays
 from .raw.layout import RawDataError, require
-from .sharded_build import DecodedShard, ShardedSource, track_items
+from .sharded_build import DecodedShard, ShardedSource, decode_items
 
 CLASSES = ["negative", "positive"]
 PICKLE_SPLITS = {"train": "train", "valid": "val", "test": "test"}  # pickle key -> our split name
@@ -361,15 +361,10 @@ def decode_samples(items: Sequence[MosiSample], options: MosiOptions) -> SplitAr
     malformed row (non-finite score or feature, a length outside 1..L, a broken mask) is an error naming
     it, or with ``skip_bad`` skipped and listed."""
     path = pickle_path(options)
-    rows: list[tuple[MosiSample, dict[str, np.ndarray], dict[str, int]]] = []
-    skipped: list[tuple[int, str]] = []
-    for offset, item in enumerate(track_items(items)):
-        try:
-            rows.append((item, *decode_sample(item, options, path)))
-        except RawDataError as exc:
-            if not options.skip_bad:
-                raise
-            skipped.append((offset, str(exc)))
+    kept, decoded, skipped = decode_items(
+        items, lambda item: decode_sample(item, options, path), options.skip_bad
+    )
+    rows = [(item, *values) for item, values in zip(kept, decoded, strict=True)]
     arrays = _stack(rows, items[0], options)
     return DecodedShard(arrays, skipped) if skipped else arrays
 

@@ -44,7 +44,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import BaseModel
@@ -57,6 +57,7 @@ FINGERPRINT_VERSION = 1
 DEFAULT_SHARD_SIZE = 64
 
 Decode = Callable[[Sequence[Any], Any], SplitArrays]
+T = TypeVar("T")
 
 
 @dataclass
@@ -127,6 +128,30 @@ def track_items(items: Sequence[Any]) -> Iterator[Any]:
         _CURRENT_ITEM[0] = offset
         yield item
     _CURRENT_ITEM[0] = None
+
+
+def decode_items(
+    items: Sequence[Any], decode_one: Callable[[Any], T], skip_bad: bool
+) -> tuple[list[Any], list[T], list[tuple[int, str]]]:
+    """Each item through ``decode_one`` (inside ``track_items``, so a failure names its item): the
+    items kept, their decoded values, and ``(offset, reason)`` of each item skipped. A ``RawDataError``
+    (a missing or undecodable raw file) skips the item when ``skip_bad``, else stops the build."""
+    from .raw.layout import RawDataError
+
+    kept: list[Any] = []
+    values: list[T] = []
+    skipped: list[tuple[int, str]] = []
+    for offset, item in enumerate(track_items(items)):
+        try:
+            value = decode_one(item)
+        except RawDataError as exc:
+            if not skip_bad:
+                raise
+            skipped.append((offset, str(exc)))
+            continue
+        kept.append(item)
+        values.append(value)
+    return kept, values, skipped
 
 
 # ----------------------------------------------------------------------------------------- shards

@@ -44,7 +44,7 @@ from .builders import BuilderOptions, DatasetBuilder, register_dataset
 from .format import SplitArrays
 from .raw.layout import RawDataError, require, require_dir
 from .raw.video import frame_files, read_flow_folders, read_frame_folder
-from .sharded_build import DecodedShard, ShardedSource, track_items
+from .sharded_build import DecodedShard, ShardedSource, decode_items
 
 CLASS_INDEX = "classInd.txt"
 TRAIN_LISTS = ("trainlist01.txt", "trainlist01_new.txt")  # the official name first, then the MIDAS one
@@ -253,22 +253,13 @@ def decode_videos(items: Sequence[UCFVideo], options: UCF101Options) -> DecodedS
     """A shard of videos: RGB frames and u/v flow at ``size``; with ``skip_bad``, a video whose folder is
     missing or holds an undecodable JPG is skipped with the reason (naming the file)."""
     size = (options.size, options.size)
-    kept: list[UCFVideo] = []
-    visual: list[np.ndarray] = []
-    flow: list[np.ndarray] = []
-    skipped: list[tuple[int, str]] = []
-    for offset, item in enumerate(track_items(items)):
-        try:
-            rgb = read_frame_folder(Path(item.rgb), options.frames, size)
-            uv = read_flow_folders(Path(item.flow_u), Path(item.flow_v), options.flow_frames, size)
-        except RawDataError as exc:
-            if not options.skip_bad:
-                raise
-            skipped.append((offset, str(exc)))
-            continue
-        kept.append(item)
-        visual.append(rgb)
-        flow.append(uv)
+
+    def decode_one(item: UCFVideo) -> tuple[np.ndarray, np.ndarray]:
+        rgb = read_frame_folder(Path(item.rgb), options.frames, size)
+        return rgb, read_flow_folders(Path(item.flow_u), Path(item.flow_v), options.flow_frames, size)
+
+    kept, decoded, skipped = decode_items(items, decode_one, options.skip_bad)
+    visual, flow = [v for v, _ in decoded], [f for _, f in decoded]
     arrays = SplitArrays(
         ids=np.array([item.video for item in kept], dtype=str),
         labels=np.array([item.label for item in kept], dtype=np.int64),
