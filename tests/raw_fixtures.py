@@ -84,3 +84,16 @@ def tiny_tokenizer(folder: Path, words: Sequence[str]):
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def short_run(checkpoints: Path) -> list[str]:
+    """Overrides that make a preset's run a one-epoch CPU smoke run on a fixture dataset."""
+    return [
+        "train.epochs=1",
+        "train.batch_size=4",
+        "train.device=cpu",
+        "train.num_threads=1",
+        "tracking.enabled=false",
+        "train.progress=false",
+        f"train.checkpoint_dir={checkpoints}",
+    ]

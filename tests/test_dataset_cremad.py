@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from raw_fixtures import write_jpg, write_wav
+from raw_fixtures import short_run, write_jpg, write_wav
 
 from midasbench.datasets import ArrowDataset, cremad
 from midasbench.datasets.format import ModalitySpec
@@ -284,13 +284,7 @@ def test_the_preset_trains_on_the_built_fixture(tree: Path, tmp_path: Path):
             f"data.root={root}",
             f"data.options={json.dumps({'raw': str(tree), **FAST})}",
             f"data.transforms={json.dumps({'visual': visual})}",
-            "train.epochs=1",
-            "train.batch_size=4",
-            "train.device=cpu",
-            "train.num_threads=1",
-            "tracking.enabled=false",
-            "train.progress=false",
-            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+            *short_run(tmp_path / "ckpt"),
         ],
     )
     result = train(cfg)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from raw_fixtures import short_run
 
 from midasbench.datasets import ArrowDataset, mosi
 from midasbench.harness.cli import main
@@ -339,13 +340,7 @@ def test_the_preset_trains_on_the_built_fixture(mmsa_tree: Path, tmp_path: Path)
             f"data.root={tmp_path / 'data'}",
             f"data.options={json.dumps({'raw': str(mmsa_tree)})}",
             f"model.encoders={{text: {tiny}, audio: {tiny}, visual: {tiny}}}",
-            "train.epochs=1",
-            "train.batch_size=4",
-            "train.device=cpu",
-            "train.num_threads=1",
-            "tracking.enabled=false",
-            "train.progress=false",
-            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+            *short_run(tmp_path / "ckpt"),
         ],
     )
     result = train(cfg)

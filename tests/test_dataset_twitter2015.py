@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from raw_fixtures import tiny_tokenizer, write_jpg
+from raw_fixtures import short_run, tiny_tokenizer, write_jpg
 
 from midasbench.datasets import ArrowDataset, twitter2015
 from midasbench.datasets.raw.text import TOKENIZER_KEY
@@ -223,13 +223,7 @@ def test_the_preset_trains_a_few_steps_on_the_built_fixture(official: ArrowDatas
             "model.encoders.visual={name: resnet18}",  # the preset's ImageNet weights need internet
             f"data.transforms.visual.train=[{resize}, {{name: hflip}}]",
             f"data.transforms.visual.eval=[{resize}]",
-            "train.epochs=1",
-            "train.batch_size=4",
-            "train.device=cpu",
-            "train.num_threads=1",
-            "tracking.enabled=false",
-            "train.progress=false",
-            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+            *short_run(tmp_path / "ckpt"),
         ],
     )
     result = train(cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from raw_fixtures import write_gray_jpg, write_jpg
+from raw_fixtures import short_run, write_gray_jpg, write_jpg
 
 from midasbench.datasets import ArrowDataset
 from midasbench.datasets import ucf101 as ucf
@@ -320,13 +320,7 @@ def test_the_preset_trains_on_the_built_fixture(tree: Path, midas70: Path, tmp_p
             f"data.root={midas70.parent}",
             f"data.options={json.dumps({'raw': str(tree.resolve()), 'size': SIZE})}",
             f"data.transforms={json.dumps(transforms)}",
-            "train.epochs=1",
-            "train.batch_size=4",
-            "train.device=cpu",
-            "train.num_threads=1",
-            "tracking.enabled=false",
-            "train.progress=false",
-            f"train.checkpoint_dir={tmp_path / 'ckpt'}",
+            *short_run(tmp_path / "ckpt"),
         ],
     )
     result = train(cfg)
