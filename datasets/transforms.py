@@ -312,6 +312,55 @@ class HFlip(Transform):
         return torch.where(flip, x.flip(-1), x)
 
 
+class RotationParams(Params):
+    degrees: float = Field(
+        default=30.0, gt=0, le=180, description="angles are drawn from U(-degrees, degrees)"
+    )
+    fill: float = Field(default=0.0, description="value of the pixels rotated in from outside")
+    interpolation: Literal["nearest", "bilinear"] = Field(
+        default="nearest", description="nearest: torchvision's RandomRotation default"
+    )
+
+
+@register_transform("random_rotation", RotationParams, "rotate by U(-degrees, degrees) about the centre")
+class RandomRotation(Transform):
+    """torchvision's RandomRotation in batch: per row an angle a = (2u − 1)·degrees, the image rotated
+    about its centre (counter-clockwise for a > 0, as torchvision), nearest (torchvision's default) or
+    bilinear, with ``fill`` outside.
+    One ``affine_grid`` a row, shared by its channels and frames; the grid is in normalised coordinates,
+    so the H/W ratios keep the rotation rigid on non-square images. Food-101's training transform in
+    the MIDAS and BalanceBenchmark code (RandomRotation(30))."""
+
+    draws = 1
+
+    def __init__(self, params: RotationParams) -> None:
+        self.p = params
+
+    def output_spec(self, spec: ModalitySpec, where: str) -> ModalitySpec:
+        _need_axes(spec, 2, where, "random_rotation")
+        return _float_spec(spec)
+
+    def theta(self, u: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, 2, 3) affine matrices: each output pixel samples the input rotated back by its angle."""
+        angle = torch.deg2rad((2 * u[:, 0].double() - 1) * self.p.degrees)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        zero = torch.zeros_like(cos)
+        rows = [
+            torch.stack([cos, -sin * height / width, zero], dim=1),
+            torch.stack([sin * width / height, cos, zero], dim=1),
+        ]
+        return torch.stack(rows, dim=1).float()
+
+    def __call__(self, x: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        assert u is not None
+        planes, _ = _fold_planes(x)
+        theta = self.theta(u, planes.shape[-2], planes.shape[-1]).to(planes.device)
+        grid = F.affine_grid(theta, list(planes.shape), align_corners=False)
+        shifted = planes - self.p.fill  # zeros padding, then back: ``fill`` outside the image
+        out = F.grid_sample(shifted, grid, self.p.interpolation, padding_mode="zeros", align_corners=False)
+        return (out + self.p.fill).reshape(x.shape)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # spec_mask: SpecAugment's time and frequency masking
 # ---------------------------------------------------------------------------------------------------------

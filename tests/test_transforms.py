@@ -292,3 +292,18 @@ def test_a_resumed_run_with_augmentation_equals_an_uninterrupted_one(spectrogram
         )
     )
     assert plain.history[0]["train/loss"] != whole.history[0]["train/loss"]  # the augmentation is applied
+
+
+def test_random_rotation_turns_about_the_centre_counter_clockwise():
+    rotate = make("random_rotation", degrees=180.0)
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    assert torch.allclose(rotate(x, torch.tensor([[0.5]])), x, atol=1e-5)  # (2 * 0.5 - 1) * 180 = 0 degrees
+    quarter = rotate(x, torch.tensor([[0.75]]))  # +90 degrees: the right column becomes the top row
+    assert torch.allclose(quarter, torch.rot90(x, 1, dims=(-2, -1)), atol=1e-4)
+    half = rotate(x, torch.tensor([[0.0]]))  # -180 degrees
+    assert torch.allclose(half, x.flip(-1).flip(-2), atol=1e-4)
+    filled = make("random_rotation", degrees=45.0, fill=-1.0)(torch.zeros(1, 1, 8, 8), torch.tensor([[1.0]]))
+    assert filled[0, 0, 0, 0] == -1.0 and filled[0, 0, 4, 4] == 0.0  # corners come from outside
+    clip = torch.rand(2, 3, 5, 6, 6)  # every frame and channel of a row turns by the same angle
+    out = rotate(clip, torch.tensor([[0.6], [0.3]]))
+    torch.testing.assert_close(out[:, :, 2], rotate(clip[:, :, 2], torch.tensor([[0.6], [0.3]])))
