@@ -66,7 +66,12 @@ def test_an_encoders_lr_scale_gives_its_parameters_their_own_group(tiny_config):
     assert scaled and all(g["lr"] == pytest.approx(0.1 * run.cfg.optimizer.lr) for g in scaled)
     strong = {id(p) for p in run.model.encoders["strong"].parameters()}
     assert strong == {id(p) for g in scaled for p in g["params"]}
-    run.scheduler.step()  # the schedule scales every group: the ratio holds
+    run.optimizers.main.step()  # no gradients yet: a no-op, so the schedule may step after it
+    for _ in range(run.cfg.scheduler.step_size):
+        run.scheduler.step()  # the schedule scales every group alike: the ratio holds
+    main_lr = next(g["lr"] for g in groups if "@lr×" not in g["name"])
+    assert main_lr == pytest.approx(run.cfg.optimizer.lr * run.cfg.scheduler.gamma)
+    assert all(g["lr"] == pytest.approx(0.1 * main_lr) for g in scaled)
 
 
 def test_pretrained_image_weights_require_imagenet_normalisation(fake_imagenet: dict):
