@@ -117,7 +117,28 @@ class DatasetBuilder(ABC):
             raise DatasetFormatError(f"dataset {cls.name!r}: invalid {detail}") from exc
 
 
-DATASETS: Registry[type[DatasetBuilder]] = Registry("dataset")
+# the modules whose import registers a builder (``@register_dataset``), imported on DATASETS' first use
+BUILDER_MODULES = (
+    "avdigits",
+    "cremad",
+    "food101",
+    "kinetics_sounds",
+    "mosi",
+    "sarcasm",
+    "synthetic",
+    "twitter2015",
+    "ucf101",
+)
+
+
+def _import_builders() -> None:
+    import importlib
+
+    for module in BUILDER_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+
+
+DATASETS: Registry[type[DatasetBuilder]] = Registry("dataset", load=_import_builders)
 
 
 def register_dataset(name: str) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from .format import SPLIT_NAMES, DatasetFormatError
 
@@ -37,6 +36,8 @@ def midas70_indices(labels: np.ndarray, split_seed: int) -> dict[str, np.ndarray
             f"split 'midas70' needs at least 10 samples per class in all ({len(counts[counts > 0])} classes "
             f"need {10 * len(counts[counts > 0])}); the dataset has {len(labels)}"
         )
+    from sklearn.model_selection import train_test_split  # only when a split is made, not to read a config
+
     train, rest = train_test_split(index, test_size=0.3, stratify=labels, random_state=split_seed)
     val, test = train_test_split(rest, test_size=2 / 3, stratify=labels[rest], random_state=split_seed)
     return {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}

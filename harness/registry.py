@@ -27,9 +27,19 @@ class Registry(Generic[T]):
     ``kind`` names the extension point in error messages ("unknown encoder 'x'; known: a, b").
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, load: Callable[[], object] | None = None) -> None:
+        """``load`` (optional) imports the modules that register the entries, once, on the first
+        lookup: so that importing the registry (e.g. to validate a config) does not import them all."""
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._load = load
+
+    @property
+    def entries(self) -> dict[str, T]:
+        if self._load is not None:
+            load, self._load = self._load, None
+            load()
+        return self._entries
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: ``@ENCODERS.register("mlp")``. Registering a name twice is a programming error."""
@@ -37,7 +47,7 @@ class Registry(Generic[T]):
         def decorator(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = obj
+            self._entries[name] = obj  # not ``entries``: registering is what loading does
             return obj
 
         return decorator
@@ -45,6 +55,7 @@ class Registry(Generic[T]):
     @contextmanager
     def temporarily(self, name: str, obj: T) -> Iterator[T]:
         """Register ``obj`` for the duration of a ``with`` block (plug-ins under test)."""
+        self.entries  # noqa: B018  (load the registered entries first: a later load must not clash)
         self.register(name)(obj)
         try:
             yield obj
@@ -53,20 +64,20 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         try:
-            return self._entries[name]
+            return self.entries[name]
         except KeyError:
             raise UnknownEntryError(
                 f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names()) or '(none)'}"
             ) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self.entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self.entries)
 
     def items(self) -> list[tuple[str, T]]:
-        return [(name, self._entries[name]) for name in self.names()]
+        return [(name, self.entries[name]) for name in self.names()]

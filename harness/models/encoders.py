@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
@@ -245,6 +244,8 @@ class ResNet18Encoder(nn.Module):
         self, in_channels: int, video: bool, add_channel_axis: bool, zero_init_residual: bool
     ) -> None:
         super().__init__()
+        import torchvision  # here, not at import: validating a config must not pull in torchvision
+
         trunk = torchvision.models.resnet18(weights=None, zero_init_residual=zero_init_residual)
         if in_channels != 3:
             trunk.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -338,6 +339,8 @@ class ResNet18Encoder(nn.Module):
     def load_imagenet_weights(self) -> None:
         """torchvision's ImageNet ResNet-18 weights (``IMAGENET1K_V1``), fetched by torchvision on first
         use; offline, a message says how to give a local copy instead."""
+        import torchvision
+
         weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
         try:
             state = weights.get_state_dict(progress=False)
