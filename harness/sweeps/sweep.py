@@ -401,19 +401,19 @@ def check_fits(spec: SweepSpec, cluster: dict[str, float], strict: bool = True) 
     return min(fit, spec.max_concurrent_trials) if spec.max_concurrent_trials else fit
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to a cluster, or start a local instance whose CPUs double as trial slots."""
+def init_ray(address: str | None) -> bool:
+    """Connect to a cluster, or start a local instance whose CPUs double as trial slots; True when this
+    call did it (the caller then shuts Ray down itself, instead of leaving ~2 s to Ray's exit handler)."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no boxed experiment banner (stack.md §8.6)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no boxed experiment banner (stack.md §8.6)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="error")
-        return
+        return True
     cpus = os.cpu_count() or 1
     ray.init(
         address="local",
@@ -423,6 +423,7 @@ def init_ray(address: str | None) -> None:
         log_to_driver=False,
         logging_level="error",
     )
+    return True
 
 
 class SweepOutcome(BaseModel):
@@ -483,7 +484,6 @@ def run_sweep(
     """Run (or, with ``resume``, finish) a sweep; returns what ran and what failed."""
     import ray
     from mlflow.tracking import MlflowClient
-    from ray import tune
 
     from midasbench.harness.tracking import ensure_experiment, resolve_tracking_uri
 
@@ -550,44 +550,12 @@ def run_sweep(
                 check_method_requirements(cfg, modality_counts[data_key])
             except ConfigError as exc:
                 raise ConfigError(f"sweep {plan.spec.name}: trial {trial.assignment}: {exc}") from None
-        init_ray(address)
-        max_concurrent = check_fits(spec, ray.cluster_resources(), strict=address is None)
-        payloads = [_trial_payload(plan, t, root, uri, experiment, parent) for t in pending]
-        scheduler = None
-        if spec.scheduler.name == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
-            epochs = max(p["config"]["train"]["epochs"] for p in payloads)
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                metric=spec.scheduler.metric,
-                mode=spec.scheduler.mode,
-                max_t=epochs,
-                grace_period=spec.scheduler.grace_period,
-                reduction_factor=spec.scheduler.reduction_factor,
-            )
-        tuner = tune.Tuner(
-            tune.with_resources(run_trial, _trial_resources(spec.resources)),
-            param_space={"trial": tune.grid_search(payloads)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent,
-                scheduler=scheduler,
-                reuse_actors=spec.resources.workers == 1,
-                trial_name_creator=lambda trial: trial.config["trial"]["key"],
-                trial_dirname_creator=lambda trial: trial.config["trial"]["key"],
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(root),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                verbose=0,
-            ),
-        )
-        grid = tuner.fit()
-        stopped = []
-        for result in grid:
-            key = str(result.config["trial"]["key"])
-            (failed if result.error is not None else stopped).append(key)
+        started_ray = init_ray(address)
+        try:
+            stopped = _run_trials(plan, pending, root, uri, experiment, parent, address, failed)
+        finally:
+            if started_ray:
+                ray.shutdown()
         if spec.scheduler.name == "asha":
             _close_early_stopped(client, experiment_id, parent, stopped)
     done = _finished_trials(client, experiment_id, parent)
@@ -606,6 +574,62 @@ def run_sweep(
         failed=failed,
         seconds=time.time() - start,
     )
+
+
+def _run_trials(
+    plan: SweepPlan,
+    pending: list[Any],
+    root: Path,
+    uri: str,
+    experiment: str,
+    parent: str,
+    address: str | None,
+    failed: list[str],
+) -> list[str]:
+    """The pending trials through Ray Tune (Ray already up); appends the failed trials' keys to
+    ``failed`` and returns the keys of those that stopped (finished or stopped early)."""
+    import ray
+    from ray import tune
+
+    spec = plan.spec
+    max_concurrent = check_fits(spec, ray.cluster_resources(), strict=address is None)
+    payloads = [_trial_payload(plan, t, root, uri, experiment, parent) for t in pending]
+    scheduler = None
+    if spec.scheduler.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        epochs = max(p["config"]["train"]["epochs"] for p in payloads)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            metric=spec.scheduler.metric,
+            mode=spec.scheduler.mode,
+            max_t=epochs,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, _trial_resources(spec.resources)),
+        param_space={"trial": tune.grid_search(payloads)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent,
+            scheduler=scheduler,
+            reuse_actors=spec.resources.workers == 1,
+            trial_name_creator=lambda trial: trial.config["trial"]["key"],
+            trial_dirname_creator=lambda trial: trial.config["trial"]["key"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(root),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    stopped = []
+    for result in grid:
+        key = str(result.config["trial"]["key"])
+        (failed if result.error is not None else stopped).append(key)
+    return stopped
 
 
 def _atomic_write(path: Path, text: str) -> None:
