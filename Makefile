@@ -38,6 +38,10 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_arrow_gather.py
 	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_sweep_overhead.py
+	$(BIN)/python benchmarks/bench_ray_train.py
+	$(BIN)/python benchmarks/bench_parallel_trials.py
+	$(BIN)/python benchmarks/bench_midas_cost.py
 
 clean:
 	rm -rf $(VENV) .midasbench mlflow.db mlartifacts .pytest_cache .ruff_cache

@@ -8,6 +8,7 @@ MLflow run by id, so a crash and resume still give exactly one run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,8 +50,10 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def git_commit(cwd: Path | None = None) -> str:
-    """The commit of the checkout midasbench runs from (its source folder), or 'unknown'."""
+    """The commit of the checkout midasbench runs from (its source folder), or 'unknown'. Asked once a
+    process: the code a process runs is the code it imported (two git subprocesses a run otherwise)."""
     where = cwd or Path(__file__).resolve().parent
     try:
         result = subprocess.run(

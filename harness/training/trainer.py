@@ -428,6 +428,8 @@ class TrainingRun:
 
 
 def _start_tracking(run: TrainingRun, tracker: Tracker) -> None:
+    if isinstance(tracker, NullTracker):  # nothing is recorded: skip building the params and tags
+        return
     cfg = run.cfg
     run_name = cfg.tracking.run_name or f"{run.dataset.manifest.name}-{run.method.label}-seed{cfg.train.seed}"
     tracker.start(run_name, flatten(cfg.to_dict()), run.run_tags(), run.progress.run_id)
