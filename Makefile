@@ -35,13 +35,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+BENCHMARKS := bench_arrow_gather bench_loader bench_midas_cost bench_sweep_overhead bench_ray_train bench_parallel_trials
+
+# every table is printed; the exit status is 1 if any script missed its goal
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_arrow_gather.py
-	$(BIN)/python benchmarks/bench_loader.py
-	$(BIN)/python benchmarks/bench_sweep_overhead.py
-	$(BIN)/python benchmarks/bench_ray_train.py
-	$(BIN)/python benchmarks/bench_parallel_trials.py
-	$(BIN)/python benchmarks/bench_midas_cost.py
+	@status=0; for b in $(BENCHMARKS); do $(BIN)/python benchmarks/$$b.py || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) .midasbench mlflow.db mlartifacts .pytest_cache .ruff_cache
