@@ -40,14 +40,8 @@ from .builders import DatasetBuilder, register_dataset
 from .image_text import (
     ImageTextItem,
     ImageTextOptions,
-    decode_image_text,
-    item_name,
-    modality_kinds,
-    official_splits,
+    image_text_source,
     read_lines,
-    require_images,
-    require_unique_ids,
-    tokenizer_info,
 )
 from .raw.layout import RawDataError, require, require_dir
 from .sharded_build import DEFAULT_SHARD_SIZE, ShardedSource
@@ -117,20 +111,17 @@ class Food101Builder(DatasetBuilder):
             )
             for row, label in zip(rows, labels, strict=True)
         ]
-        require_unique_ids(items)
-        require_images(items, LAYOUT)
         splits = [row.split for row in rows]
         for index in val_cut(np.asarray(labels), splits, options.val_count, options.val_seed):
             splits[index] = "val"
-        return ShardedSource(
-            classes=classes,
-            items=items,
-            decode=decode_image_text,
-            official_split=official_splits(items, splits),
-            modality_kinds=modality_kinds(pairs=False),
+        return image_text_source(
+            items,
+            splits,
+            classes,
+            options,
+            layout=LAYOUT,
             shard_size=SHARD_SIZE,
-            item_name=item_name,
-            build_info={**tokenizer_info(options), "layout_read": layout},
+            extra_info={"layout_read": layout},
         )
 
 

@@ -33,7 +33,7 @@ from .format import SplitArrays
 from .raw.image import read_image
 from .raw.layout import RawDataError, require
 from .raw.text import TOKENIZER_KEY, encode, identity, load_tokenizer
-from .sharded_build import DecodedShard, decode_items
+from .sharded_build import DecodedShard, ShardedSource, decode_items
 
 TEXT, VISUAL = "text", "visual"
 DEFAULT_TOKENIZER = "google/electra-small-discriminator"  # the MIDAS Food-101 text encoder (§1.3)
@@ -159,6 +159,34 @@ def _rows(
 
 def modality_kinds(pairs: bool) -> dict[str, str]:
     return {TEXT: "token-pairs" if pairs else "tokens", VISUAL: "image"}
+
+
+def image_text_source(
+    items: Sequence[ImageTextItem],
+    splits: Sequence[str],
+    classes: Sequence[str],
+    options: ImageTextOptions,
+    *,
+    layout: str,
+    shard_size: int,
+    pairs: bool = False,
+    extra_info: dict[str, Any] | None = None,
+) -> ShardedSource:
+    """What every image + text builder's ``sources`` ends with: sample ids checked unique and every
+    image present (the first missing one named with ``layout``), then the source decoding the items
+    with ``decode_image_text``, the tokenizer's identity and the builder's own facts in ``build_info``."""
+    require_unique_ids(items)
+    require_images(items, layout)
+    return ShardedSource(
+        classes=list(classes),
+        items=items,
+        decode=decode_image_text,
+        official_split=official_splits(items, splits),
+        modality_kinds=modality_kinds(pairs),
+        shard_size=shard_size,
+        item_name=item_name,
+        build_info={**tokenizer_info(options), **(extra_info or {})},
+    )
 
 
 def read_lines(path: Path) -> list[str]:

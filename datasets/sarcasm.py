@@ -29,14 +29,8 @@ from .builders import DatasetBuilder, register_dataset
 from .image_text import (
     ImageTextItem,
     ImageTextOptions,
-    decode_image_text,
-    item_name,
-    modality_kinds,
-    official_splits,
+    image_text_source,
     read_lines,
-    require_images,
-    require_unique_ids,
-    tokenizer_info,
 )
 from .raw.layout import RawDataError, require, require_dir
 from .sharded_build import DEFAULT_SHARD_SIZE, ShardedSource
@@ -102,17 +96,14 @@ class SarcasmBuilder(DatasetBuilder):
             for tweet_id, text, label, where in kept:
                 items.append(ImageTextItem(tweet_id, label, str(images / f"{tweet_id}.jpg"), text, where))
                 splits.append(split)
-        require_unique_ids(items)
-        require_images(items, LAYOUT)
-        return ShardedSource(
-            classes=list(CLASSES),
-            items=items,
-            decode=decode_image_text,
-            official_split=official_splits(items, splits),
-            modality_kinds=modality_kinds(pairs=False),
+        return image_text_source(
+            items,
+            splits,
+            CLASSES,
+            options,
+            layout=LAYOUT,
             shard_size=SHARD_SIZE,
-            item_name=item_name,
-            build_info={**tokenizer_info(options), "keyword_filtered_rows": dropped},
+            extra_info={"keyword_filtered_rows": dropped},
         )
 
 

@@ -30,14 +30,8 @@ from .builders import DatasetBuilder, register_dataset
 from .image_text import (
     ImageTextItem,
     ImageTextOptions,
-    decode_image_text,
-    item_name,
-    modality_kinds,
-    official_splits,
+    image_text_source,
     read_lines,
-    require_images,
-    require_unique_ids,
-    tokenizer_info,
 )
 from .raw.layout import RawDataError, require, require_dir
 from .sharded_build import DEFAULT_SHARD_SIZE, ShardedSource
@@ -85,17 +79,8 @@ class Twitter2015Builder(DatasetBuilder):
             for item in read_tsv(require(raw / f"{stem}.tsv", LAYOUT), stem, raw / options.images_dir):
                 items.append(item)
                 splits.append(split)
-        require_unique_ids(items)
-        require_images(items, LAYOUT)
-        return ShardedSource(
-            classes=list(CLASSES),
-            items=items,
-            decode=decode_image_text,
-            official_split=official_splits(items, splits),
-            modality_kinds=modality_kinds(pairs=True),
-            shard_size=SHARD_SIZE,
-            item_name=item_name,
-            build_info=tokenizer_info(options),
+        return image_text_source(
+            items, splits, CLASSES, options, layout=LAYOUT, shard_size=SHARD_SIZE, pairs=True
         )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from raw_fixtures import short_run, tiny_tokenizer, write_jpg
 
-from midasbench.datasets import ArrowDataset, food101
+from midasbench.datasets import ArrowDataset, food101, image_text
 from midasbench.datasets.raw.text import TOKENIZER_KEY
 from midasbench.harness.cli import main
 
@@ -183,7 +183,7 @@ def test_an_interrupted_build_resumes_from_its_shards(
     tree: Path, tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     calls: list[int] = []
-    real = food101.decode_image_text
+    real = image_text.decode_image_text
 
     def interrupting(items, options):
         calls.append(len(items))
@@ -193,7 +193,7 @@ def test_an_interrupted_build_resumes_from_its_shards(
         return real(items, options)
 
     monkeypatch.setattr(food101, "SHARD_SIZE", 8)  # 33 items: 5 shards
-    monkeypatch.setattr(food101, "decode_image_text", interrupting)
+    monkeypatch.setattr(image_text, "decode_image_text", interrupting)  # what the source decodes with
     assert build(tree, tmp_path / "data", tokenizer_dir, "--split", "official") == 130
     calls.clear()
     assert build(tree, tmp_path / "data", tokenizer_dir, "--split", "official") == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from raw_fixtures import short_run, tiny_tokenizer, write_jpg
 
-from midasbench.datasets import ArrowDataset, sarcasm
+from midasbench.datasets import ArrowDataset, image_text, sarcasm
 from midasbench.datasets.raw.text import TOKENIZER_KEY
 from midasbench.harness.cli import main
 
@@ -176,7 +176,7 @@ def test_an_interrupted_build_resumes_from_its_shards(
 ):
     calls: list[int] = []
     interrupted: list[bool] = []
-    real = sarcasm.decode_image_text
+    real = image_text.decode_image_text
 
     def interrupting(items, options):
         calls.append(len(items))
@@ -186,7 +186,7 @@ def test_an_interrupted_build_resumes_from_its_shards(
         return real(items, options)
 
     monkeypatch.setattr(sarcasm, "SHARD_SIZE", 6)  # 20 posts: shards of 6, 6, 6, 2
-    monkeypatch.setattr(sarcasm, "decode_image_text", interrupting)
+    monkeypatch.setattr(image_text, "decode_image_text", interrupting)  # what the source decodes with
     assert build(tree, tmp_path / "data", tokenizer_dir, "--split", "official") == 130
     calls.clear()
     assert build(tree, tmp_path / "data", tokenizer_dir, "--split", "official") == 0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from raw_fixtures import short_run, tiny_tokenizer, write_jpg
 
-from midasbench.datasets import ArrowDataset, twitter2015
+from midasbench.datasets import ArrowDataset, image_text, twitter2015
 from midasbench.datasets.raw.text import TOKENIZER_KEY
 from midasbench.harness.cli import main
 
@@ -172,7 +172,7 @@ def test_an_interrupted_build_resumes_from_its_shards(
 ):
     calls: list[int] = []
     interrupted: list[bool] = []
-    real = twitter2015.decode_image_text
+    real = image_text.decode_image_text
 
     def interrupting(items, options):
         calls.append(len(items))
@@ -182,7 +182,7 @@ def test_an_interrupted_build_resumes_from_its_shards(
         return real(items, options)
 
     monkeypatch.setattr(twitter2015, "SHARD_SIZE", 8)  # 30 rows: 8, 8, 8, 6
-    monkeypatch.setattr(twitter2015, "decode_image_text", interrupting)
+    monkeypatch.setattr(image_text, "decode_image_text", interrupting)  # what the source decodes with
     assert build(tree, tmp_path / "data", tokenizer_dir, "--split", "official") == 130
     calls.clear()
     assert build(tree, tmp_path / "data", tokenizer_dir, "--split", "official") == 0
