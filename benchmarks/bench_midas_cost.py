@@ -88,6 +88,10 @@ class Model:
     overrides: tuple[str, ...] = ()
     modalities: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # written dataset
     rows: int = 0
+    floor: bool = False  # also time ``floor_step``, the least a MIDAS step computes on these heads
+
+    def methods(self) -> list[str]:
+        return [m for m in METHODS if m != FLOOR or self.floor]
 
 
 MODELS = {
@@ -100,14 +104,17 @@ MODELS = {
         modalities={"audio": ((128, 64), "float16"), "visual": ((3, 2, 64, 64), "uint8")},
         rows=256,
     ),
-    "mlp": Model("mlp", "mlp heads, synthetic preset (256 + 16 dims)", batch=64, steps=40),
+    "mlp": Model("mlp", "mlp heads, synthetic preset (256 + 16 dims)", batch=64, steps=40, floor=True),
 }
 
 METHODS = {
     "joint": "method={name: joint}",
     "midas feature": "method={name: midas, params: {level: feature, warmup_epochs: 0}}",
     "midas input": "method={name: midas, params: {level: input, warmup_epochs: 0}}",
+    # not a method: the least any MIDAS step computes, on the feature-level run's model (see floor_step)
+    "midas floor": "method={name: midas, params: {level: feature, warmup_epochs: 0}}",
 }
+FLOOR = "midas floor"
 
 
 # ----------------------------------------------------------------------------------------------- set-up
@@ -187,8 +194,28 @@ class Case:
 
     def steps(self, n: int) -> None:
         for _ in range(n):
-            self.run._step(self.batches[self.cursor % len(self.batches)], 0)
+            batch = self.batches[self.cursor % len(self.batches)]
+            floor_step(self.run, batch) if self.method == FLOOR else self.run._step(batch, 0)
             self.cursor += 1
+
+
+def floor_step(run: TrainingRun, batch: Any) -> None:
+    """The computation no implementation of feature-level MIDAS can avoid, and nothing else: the unimodal
+    heads and their loss, one pass of the fusion head over the aligned batch and both misaligned batches
+    of a random permutation, a cross-entropy over them, backward and the optimiser step. No soft labels,
+    no α, no hard-sample weights, no statistics: what MIDAS costs beyond this is its bookkeeping."""
+    model, labels = run.model, batch.labels
+    names = model.modalities
+    features = model.encode(batch.inputs)
+    unimodal = model.unimodal(features)
+    loss_uni = sum(torch.nn.functional.cross_entropy(unimodal[m], labels) for m in names) / len(names)
+    anchor, partner = torch.arange(labels.numel(), device=labels.device), torch.randperm(labels.numel())
+    rows = {names[0]: torch.cat([anchor, anchor, partner]), names[1]: torch.cat([anchor, partner, anchor])}
+    fused = model.fuse({m: features[m][rows[m]] for m in names})
+    loss = loss_uni + torch.nn.functional.cross_entropy(fused, labels.repeat(3))
+    run.optimizers.zero_grad()
+    loss.backward()
+    run.optimizers.step()
 
 
 def build_cases(model: Model, args: argparse.Namespace, methods: list[str]) -> list[Case]:
@@ -296,7 +323,7 @@ def memory_child(args: argparse.Namespace) -> int:
     """The child's side: per case, warm-up, then the RSS and the tensor peak of ``--memory-steps``
     steps; one JSON line per case on stdout."""
     for key in args.models.split(","):
-        for case in build_cases(MODELS[key], args, list(METHODS)):
+        for case in build_cases(MODELS[key], args, MODELS[key].methods()):
             case.steps(args.warmup)
             rss = cpu_peak_mb(lambda case=case: case.steps(args.memory_steps))
             tensors = tensor_peak_mb(lambda case=case: case.steps(args.memory_steps))
@@ -367,6 +394,8 @@ def print_table(cases: list[Case], args: argparse.Namespace, memory_note: str) -
                 goal = f">= {INPUT_GOAL}x feature " + ("ok" if met else "MISSED")
             else:
                 goal = "(for information)"
+        elif case.method == FLOOR:
+            goal = "(reference: no soft labels, α, weights)"
         times = case.times_ms
         row = [
             case.model.title if case.method == "joint" else "",
@@ -559,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
             return memory_child(args)
         cases: list[Case] = []
         for key in args.models.split(","):
-            model_cases = build_cases(MODELS[key], args, list(METHODS))
+            model_cases = build_cases(MODELS[key], args, MODELS[key].methods())
             measure(model_cases, args)
             cases += model_cases
         if args.device == "cpu":

@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests_support_models import LinearEncoder as Linear
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from midasbench.datasets.loader import Batch
 from midasbench.harness.models.fusion import ConcatFusion
 from midasbench.harness.models.model import MultimodalModel
 from midasbench.methods import MethodContext, build_method
 from midasbench.methods.midas import (
+    all_shifts,
     alpha_update_code,
     alpha_update_paper,
     draw_sources,
@@ -21,9 +23,8 @@ from midasbench.methods.midas import (
     normalized_multimodal_confidences,
     normalized_unimodal_confidences,
     reduce_misaligned_loss,
-    shift_sources,
     soft_labels,
-    swapped_modalities,
+    swapped_mask,
 )
 
 
@@ -41,16 +42,19 @@ def test_paper_worked_example_confidences_0_9_and_0_3_give_0_75_and_0_25():
     probs[0, 0] = torch.tensor([0.9, 0.05, 0.05])  # p^1_i: confidence 0.9 on y_i = 0
     probs[1, 1] = torch.tensor([0.5, 0.3, 0.2])  # p^2_j: confidence 0.3 on y_j = 1
     assignment = torch.tensor([[0], [1]])  # modality 1 from row 0, modality 2 from row 1
-    c = normalized_unimodal_confidences(probs, labels, assignment)
+    aligned = probs.gather(2, labels.expand(2, -1)[..., None]).squeeze(
+        2
+    )  # p^m_{k, y_k}: [[0.9, 0], [0, 0.3]]
+    c = normalized_unimodal_confidences(aligned, assignment)
     torch.testing.assert_close(c, torch.tensor([[0.75], [0.25]]))
-    target = soft_labels(c, labels, assignment, 3)
+    target = soft_labels(c, labels[assignment], 3)
     torch.testing.assert_close(target, torch.tensor([[0.75, 0.25, 0.0]]))
 
 
 def test_soft_label_mass_adds_up_when_sources_share_a_class():
     labels = torch.tensor([2, 2])
     c = torch.tensor([[0.6], [0.4]])
-    target = soft_labels(c, labels, torch.tensor([[0], [1]]), 3)
+    target = soft_labels(c, labels[torch.tensor([[0], [1]])], 3)
     torch.testing.assert_close(target, torch.tensor([[0.0, 0.0, 1.0]]))
 
 
@@ -80,13 +84,15 @@ def test_single_class_batch_has_no_valid_pair_and_zero_misaligned_loss():
 
 def test_cyclic_shifts_for_two_and_three_modalities():
     sources = torch.tensor([[0, 1], [1, 0]])  # anchor and partner
-    assert shift_sources(sources, 0).tolist() == [[0, 1], [1, 0]]  # (x_i^1, x_j^2): direction A
-    assert shift_sources(sources, 1).tolist() == [[1, 0], [0, 1]]  # (x_j^1, x_i^2): direction B
-    assert swapped_modalities(2, 0) == [1] and swapped_modalities(2, 1) == [0]
+    assert all_shifts(sources)[0].tolist() == [[0, 1], [1, 0]]  # (x_i^1, x_j^2): direction A
+    assert all_shifts(sources)[1].tolist() == [[1, 0], [0, 1]]  # (x_j^1, x_i^2): direction B
+    assert swapped_mask(2).tolist() == [[False, True], [True, False]]  # shift 0 swaps modality 2, 1 swaps 1
     three = torch.stack([torch.arange(4), torch.tensor([1, 2, 3, 0]), torch.tensor([2, 3, 0, 1])])
-    shifted = [shift_sources(three, s) for s in range(3)]
+    shifted = all_shifts(three)
+    assert shifted[1].tolist() == [three[2].tolist(), three[0].tolist(), three[1].tolist()]  # (j_2, i, j_1)
     for m in range(3):  # across the M shifts each modality comes from the anchor exactly once
         assert sum(int((s[m] == torch.arange(4)).all()) for s in shifted) == 1
+    assert swapped_mask(3).sum(1).tolist() == [2, 2, 2] and not swapped_mask(3).diagonal().any()
 
 
 def test_three_modality_labels_sum_to_one():
@@ -94,12 +100,12 @@ def test_three_modality_labels_sum_to_one():
     mis = draw_sources(labels, 3, "randperm_masked", gen(3))
     assert mis.sources.shape == (3, 6)
     probs = torch.softmax(torch.randn(3, 6, 3, generator=gen(1)), dim=2)
-    for shift in range(3):
-        assignment = shift_sources(mis.sources, shift)
-        c = normalized_unimodal_confidences(probs, labels, assignment)
+    aligned = probs.gather(2, labels.expand(3, -1)[..., None]).squeeze(2)
+    for assignment in all_shifts(mis.sources):
+        c = normalized_unimodal_confidences(aligned, assignment)
         assert c.shape == (3, 6)
         torch.testing.assert_close(c.sum(0), torch.ones(6))
-        torch.testing.assert_close(soft_labels(c, labels, assignment, 3).sum(1), torch.ones(6))
+        torch.testing.assert_close(soft_labels(c, labels[assignment], 3).sum(1), torch.ones(6))
     source_labels = labels[mis.sources]
     assert torch.equal(mis.valid, (source_labels != source_labels[:1]).any(0))
 
@@ -108,18 +114,35 @@ def test_three_modality_labels_sum_to_one():
 
 
 def test_hard_sample_weight_from_cosine_similarity():
-    original = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
-    swapped = torch.tensor([[0.0, 3.0], [2.0, 0.0], [-1.0, 0.0]])  # orthogonal, same direction, opposite
-    s = feature_similarity(original, swapped, "cosine", torch.ones(3, dtype=torch.bool))
-    torch.testing.assert_close(s, torch.tensor([0.0, 1.0, -1.0]))
-    torch.testing.assert_close(hard_sample_weight(s), torch.tensor([1.5, 2.0, 1.0]))
+    features = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 0.0], [-1.0, 0.0]])
+    rows = torch.tensor([1, 2, 3, 0])  # anchor i takes the feature of row rows[i]
+    s = feature_similarity(features, rows, "cosine", torch.ones(4, dtype=torch.bool))
+    # (1,0)·(0,3): orthogonal; (0,3)·(2,0): orthogonal; (2,0)·(-1,0): opposite; (-1,0)·(1,0): opposite
+    torch.testing.assert_close(s, torch.tensor([0.0, 0.0, -1.0, -1.0]))
+    torch.testing.assert_close(hard_sample_weight(s), torch.tensor([1.5, 1.5, 1.0, 1.0]))
+    same = feature_similarity(
+        features, torch.tensor([[2, 1, 0, 3]]), "cosine", torch.ones(4, dtype=torch.bool)
+    )
+    torch.testing.assert_close(
+        same, torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    )  # a leading shift axis; same direction
+    zero = feature_similarity(
+        torch.zeros(2, 2), torch.tensor([1, 0]), "cosine", torch.ones(2, dtype=torch.bool)
+    )
+    torch.testing.assert_close(zero, torch.zeros(2))  # norms clamped at ε, as F.cosine_similarity
 
 
 def test_l2_similarity_mapping():
-    original = torch.zeros(2, 2)
-    swapped = torch.tensor([[0.0, 0.0], [3.0, 4.0]])  # distances 0 and 5, mean 2.5
-    s = feature_similarity(original, swapped, "l2", torch.ones(2, dtype=torch.bool))
-    torch.testing.assert_close(s, torch.tensor([1.0, 2 * math.exp(-2.0) - 1]))
+    features = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    rows = torch.tensor([1, 2, 2])  # distances 0, 5, 0; mean 5/3
+    s = feature_similarity(features, rows, "l2", torch.ones(3, dtype=torch.bool))
+    torch.testing.assert_close(s, torch.tensor([1.0, 2 * math.exp(-3.0) - 1, 1.0]))
+    # the scale is the mean over the valid anchors only: here anchor 1 alone (distance 5 → e^-1)
+    s = feature_similarity(features, rows, "l2", torch.tensor([False, True, False]))
+    torch.testing.assert_close(s, torch.tensor([1.0, 2 * math.exp(-1.0) - 1, 1.0]))
+    # no valid anchor: the mean over all
+    s = feature_similarity(features, rows, "l2", torch.zeros(3, dtype=torch.bool))
+    torch.testing.assert_close(s[1], torch.tensor(2 * math.exp(-3.0) - 1))
 
 
 def test_weighted_misaligned_loss_by_hand():
@@ -129,12 +152,12 @@ def test_weighted_misaligned_loss_by_hand():
     c = torch.tensor([[0.75], [0.25]])
     alpha = torch.tensor([1.0, 2.0])
     weight = hard_sample_weight(torch.tensor([0.0]))  # 1.5
-    loss = misaligned_loss_per_sample(logits, labels, assignment, c, alpha, weight)
+    loss = misaligned_loss_per_sample(logits, labels[assignment], c, alpha, weight)
     lse = math.log(math.exp(2) + 2)
     expected = 1.5 * (1.0 * 0.75 * (lse - 2) + 2.0 * 0.25 * lse)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     # with α = 1 it is the soft-label cross-entropy of Eq. 4 times the weight
-    plain = misaligned_loss_per_sample(logits, labels, assignment, c, torch.ones(2), torch.ones(1))
+    plain = misaligned_loss_per_sample(logits, labels[assignment], c, torch.ones(2), torch.ones(1))
     soft = -(torch.tensor([[0.75, 0.25, 0.0]]) * F.log_softmax(logits, 1)).sum()
     assert plain.item() == pytest.approx(soft.item())
 
@@ -193,7 +216,7 @@ def test_normalised_multimodal_confidence_uses_distinct_source_classes():
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.1, 0.3]])
     labels = torch.tensor([0, 1, 0])
     assignment = torch.tensor([[0, 2], [1, 0]])  # sample 0: classes (0, 1); sample 1: classes (0, 0)
-    conf = normalized_multimodal_confidences(probs, labels, assignment)
+    conf = normalized_multimodal_confidences(probs, labels[assignment])
     torch.testing.assert_close(conf[:, 0], torch.tensor([0.5 / 0.8, 0.3 / 0.8]))
     torch.testing.assert_close(conf[:, 1], torch.tensor([1.0, 1.0]))
 
@@ -344,3 +367,67 @@ def test_ablation_switches_change_the_loss():
     assert no_hs < full  # hard-sample weights are ≥ 1
     summed = midas(names, uni_reduction="sum", direction_reduction="sum").training_step(model, batch, 5).loss
     assert summed.item() > full
+
+
+# ------------------------------------------------------------------------- no host reads in the step
+
+
+class HostReads(TorchDispatchMode):
+    """Records the aten ops that make the host wait for the device: reading a value (``.item()``,
+    ``float()``, ``bool()``, indexing by a 0-d tensor) and boolean-mask indexing (its size is data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith("aten.index.") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+        )
+        if "_local_scalar_dense" in name or "nonzero" in name or bool_index:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "num_modalities"),
+    [
+        ("midas", {}, 2),
+        ("midas", {"level": "input", "similarity": "l2"}, 3),
+        ("midas-code", {"alpha_ratio": "dominant_over_weak", "alpha_max": 10.0}, 2),
+        ("midas-paper", {}, 2),
+        ("midas-paper", {}, 3),
+    ],
+)
+def test_a_training_step_never_waits_for_the_device(method, params, num_modalities):
+    # issue 13: the weak modality, the pairing checks, L_mis over the valid anchors and the α update stay
+    # on the device, so a GPU step is issued without a single synchronisation
+    model, batch, names = model_and_batch(num_modalities)
+    context = MethodContext(modalities=names, num_classes=3, epochs=10, steps_per_epoch=1)
+    m = build_method(method, {"warmup_epochs": 0, **params}, context)
+    m.training_step(model, batch, epoch=0)  # the first step places α on the device
+    m.after_optimizer_step(model, epoch=0)
+    with HostReads() as recorder:
+        for _ in range(2):
+            out = m.training_step(model, batch, epoch=0)
+            out.loss.backward()
+            m.after_optimizer_step(model, epoch=0)
+    assert recorder.reads == []
+    assert m.on_epoch_end(model, 0)[f"weak_share_{names[0]}"] >= 0.0  # read once an epoch, on the host
+
+
+def test_different_label_partners_are_uniform_among_the_candidates():
+    # rows 0-1 (label 0) may only pair with rows 2-4 (label 1) and those with rows 0-1; each candidate
+    # equally often: 1/3 and 1/2 of the draws
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    generator = gen(5)
+    counts = torch.zeros(5, 5)
+    for _ in range(3000):
+        partners = draw_sources(labels, 2, "resample_diff_label", generator).sources[1]
+        counts[torch.arange(5), partners] += 1
+    assert counts[:2, :2].sum() == 0 and counts[2:, 2:].sum() == 0
+    torch.testing.assert_close(counts[:2, 2:] / 3000, torch.full((2, 3), 1 / 3), atol=0.03, rtol=0)
+    torch.testing.assert_close(counts[2:, :2] / 3000, torch.full((3, 2), 1 / 2), atol=0.03, rtol=0)
+    lone = draw_sources(torch.tensor([0, 1, 1]), 2, "resample_diff_label", generator)
+    assert lone.valid.tolist() == [True, True, True]  # rows 1-2 pair with row 0, row 0 with 1 or 2
