@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -239,10 +240,13 @@ def storage_root(spec: SweepSpec) -> Path:
     return Path(spec.storage or Path(".midasbench") / "sweeps").expanduser().resolve() / spec.name
 
 
-def _trial_payload(plan: SweepPlan, trial: Trial, root: Path, uri: str, experiment: str, parent: str) -> dict:
+def trial_config(
+    plan: SweepPlan, trial: Trial, root: Path, uri: str, experiment: str, parent: str
+) -> RunConfig:
+    """The trial's config as its process runs it: the sweep's checkpoints, tracking store and tags."""
     from midasbench.harness.training.trainer import clone_config
 
-    cfg = clone_config(
+    return clone_config(
         RunConfig.model_validate(trial.config),
         {
             "train.checkpoint_dir": str(root / "checkpoints" / trial.key),
@@ -258,20 +262,29 @@ def _trial_payload(plan: SweepPlan, trial: Trial, root: Path, uri: str, experime
             },
         },
     )
-    return {"config": cfg.to_dict(), "resources": plan.spec.resources.model_dump(), "key": trial.key}
+
+
+def _trial_payload(cfg: RunConfig, spec: SweepSpec, key: str) -> dict:
+    """What Tune hands the trial: the config already validated (a ``RunConfig``, pickled as it is, so no
+    worker validates it again), the resources, the trial's key and whether its scheduler reads every
+    epoch's metrics."""
+    return {
+        "config": cfg,
+        "resources": spec.resources.model_dump(),
+        "key": key,
+        "report_every_epoch": spec.scheduler.name != "fifo",
+    }
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
 
 
-def _with_node_tag(config: dict[str, Any]) -> RunConfig:
-    """The trial's config, tagged with the Ray node that runs it."""
+def _with_node_tag(config: RunConfig) -> RunConfig:
+    """A copy of the trial's (validated) config, tagged with the Ray node that runs it."""
     import ray
 
-    from midasbench.harness.config import build_config
-
-    cfg = build_config(config, "sweep trial")
+    cfg = config.model_copy(deep=True)
     cfg.tracking.tags = {**cfg.tracking.tags, "ray.node_id": ray.get_runtime_context().get_node_id()}
     return cfg
 
@@ -299,17 +312,19 @@ def chaos_callback(checkpoint_dir: str, key: str) -> Any:
     return callback
 
 
-def _train_reporting(cfg: RunConfig, key: str, report: Any) -> None:
-    """Train one trial, reporting each epoch's metrics to Ray. The last epoch is reported only after the
-    test evaluation and MLflow logging are done: a scheduler may stop a trial at any report, and stopping
-    at the final one would otherwise cut off the run's test metrics."""
+def _train_reporting(cfg: RunConfig, key: str, report: Any, every_epoch: bool) -> None:
+    """Train one trial and report its metrics to Ray: after each epoch when a scheduler reads them
+    (``every_epoch``: ASHA stops trials on them), else only at the end (the metrics are in MLflow; a report
+    costs a barrier across a Ray Train trial's ranks and can wait up to a health-check tick). The last epoch
+    is reported only after the test evaluation and MLflow logging are done: a scheduler may stop a trial at
+    any report, and stopping at the final one would otherwise cut off the run's test metrics."""
     from midasbench.harness.training.trainer import train
 
     last = cfg.train.epochs - 1
     final: dict[str, Any] = {}
 
     def per_epoch(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        if epoch < last:
+        if epoch < last and every_epoch:
             report({"epoch": epoch, **_numeric(metrics)})
         else:
             final.update({"epoch": epoch, **_numeric(metrics)})
@@ -322,8 +337,9 @@ def _train_in_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker loop (every rank): the unchanged trainer under torch.distributed."""
     import ray.train
 
-    cfg = _with_node_tag(loop_config)
-    _train_reporting(cfg, cfg.tracking.tags[TRIAL_TAG], ray.train.report)  # every rank must report
+    cfg = _with_node_tag(loop_config["config"])
+    every_epoch = loop_config["report_every_epoch"]
+    _train_reporting(cfg, cfg.tracking.tags[TRIAL_TAG], ray.train.report, every_epoch)  # every rank reports
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
@@ -333,7 +349,9 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     payload = tune_config["trial"]
     resources = Resources.model_validate(payload["resources"])
     if resources.workers == 1:
-        _train_reporting(_with_node_tag(payload["config"]), payload["key"], tune.report)
+        _train_reporting(
+            _with_node_tag(payload["config"]), payload["key"], tune.report, payload["report_every_epoch"]
+        )
         return
 
     import ray.train
@@ -342,10 +360,10 @@ def run_trial(tune_config: dict[str, Any]) -> None:
 
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
-    root = Path(payload["config"]["train"]["checkpoint_dir"]).parent.parent
+    root = Path(payload["config"].train.checkpoint_dir).parent.parent
     trainer = TorchTrainer(
         _train_in_worker,
-        train_loop_config=payload["config"],
+        train_loop_config={"config": payload["config"], "report_every_epoch": payload["report_every_epoch"]},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -406,7 +424,9 @@ def init_ray(address: str | None) -> bool:
     call did it (the caller then shuts Ray down itself, instead of leaving ~2 s to Ray's exit handler)."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Ray Train drains each worker's one-slot report queue on this tick: a report made less than a tick
+    # after the previous one waits for it (Ray's default is 2 s).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no boxed experiment banner (stack.md §8.6)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
@@ -481,83 +501,48 @@ def run_sweep(
     sweep_file_text: str | None = None,
     echo: bool = True,
 ) -> SweepOutcome:
-    """Run (or, with ``resume``, finish) a sweep; returns what ran and what failed."""
+    """Run (or, with ``resume``, finish) a sweep; returns what ran and what failed.
+
+    Ray starts while the tracking store is opened (a fresh sqlite store's schema alone takes seconds);
+    with ``resume``, where there may be nothing left to run, Ray starts only once trials are pending.
+    """
     import ray
-    from mlflow.tracking import MlflowClient
 
     from midasbench.harness.tracking import ensure_experiment, resolve_tracking_uri
 
     start = time.time()
     spec = plan.spec
     root = storage_root(spec)
-    state_path = root / STATE_FILE
     uri = resolve_tracking_uri(tracking_uri or plan.trials[0].config["tracking"]["uri"])
     experiment = spec.experiment or spec.name
-    experiment_id = ensure_experiment(uri, experiment)  # create the store once, here, before any trial
-    client = MlflowClient(tracking_uri=uri)
-
-    adopted = None if state_path.is_file() or not resume else _latest_parent(client, experiment_id, spec.name)
-    if state_path.is_file():
-        if not resume:
-            raise ConfigError(
-                f"sweep {spec.name!r} already has state in {root}; add --resume to finish it, "
-                "or give the sweep another name"
-            )
-        state = json.loads(state_path.read_text())
-        parent = state["parent_run_id"]
-        client.update_run(parent, status="RUNNING")
-    elif adopted is not None:  # --resume from another folder: the tracking store knows the sweep
-        parent = adopted
-        client.update_run(parent, status="RUNNING")
-        root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(state_path, json.dumps({"parent_run_id": parent, "experiment": experiment, "uri": uri}))
+    _refuse_state_without_resume(spec, resume)  # before Ray starts for nothing
+    started_ray = False
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking-store") as pool:
+            store = pool.submit(ensure_experiment, uri, experiment)  # once, here, before any trial
+            if not resume:
+                started_ray = init_ray(address)
+            experiment_id = store.result()
+        client = _client(uri)
+        parent = _open_parent(client, plan, experiment_id, experiment, uri, resume, sweep_file_text, echo)
+        done = _finished_trials(client, experiment_id, parent)
+        pending = [t for t in plan.trials if t.key not in done]
         if echo:
             print(
-                f"sweep {spec.name}: no state in {root}; resuming its latest parent run {parent} from the "
-                "tracking store (unfinished trials restart: their checkpoints are where the sweep first ran)"
+                f"sweep {spec.name}: {len(plan.trials)} trials, {len(done)} already finished, "
+                f"{len(pending)} to run; MLflow parent run {parent} in {uri}"
             )
-    else:
-        if resume and echo:
-            print(f"sweep {spec.name}: --resume found no earlier run of it in {uri}; starting it")
-        parent = client.create_run(
-            experiment_id, run_name=spec.name, tags={SWEEP_TAG: spec.name, "midasbench.sweep_parent": "true"}
-        ).info.run_id
-        client.log_text(parent, sweep_file_text or yaml.safe_dump(spec.model_dump(mode="json")), "sweep.yaml")
-        client.log_text(parent, plan.table(), "trials.txt")
-        root.mkdir(parents=True, exist_ok=True)
-        _atomic_write(state_path, json.dumps({"parent_run_id": parent, "experiment": experiment, "uri": uri}))
-
-    done = _finished_trials(client, experiment_id, parent)
-    pending = [t for t in plan.trials if t.key not in done]
-    if echo:
-        print(
-            f"sweep {spec.name}: {len(plan.trials)} trials, {len(done)} already finished, "
-            f"{len(pending)} to run; MLflow parent run {parent} in {uri}"
-        )
-    failed: list[str] = []
-    if pending:
-        from midasbench.datasets import ArrowDataset
-        from midasbench.harness.training.trainer import check_method_requirements, dataset_path
-
-        modality_counts: dict[str, int] = {}
-        for trial in pending:  # build each dataset once, here, before any trial reads it
-            cfg = RunConfig.model_validate(trial.config)
-            data_key = json.dumps(trial.config["data"], sort_keys=True)
-            if data_key not in modality_counts:
-                manifest = ArrowDataset(dataset_path(cfg)).manifest
-                modality_counts[data_key] = len(manifest.modality_names)
-            try:  # a method that cannot run on this dataset is refused before any trial starts
-                check_method_requirements(cfg, modality_counts[data_key])
-            except ConfigError as exc:
-                raise ConfigError(f"sweep {plan.spec.name}: trial {trial.assignment}: {exc}") from None
-        started_ray = init_ray(address)
-        try:
-            stopped = _run_trials(plan, pending, root, uri, experiment, parent, address, failed)
-        finally:
-            if started_ray:
-                ray.shutdown()
-        if spec.scheduler.name == "asha":
-            _close_early_stopped(client, experiment_id, parent, stopped)
+        failed: list[str] = []
+        if pending:
+            configs = [trial_config(plan, t, root, uri, experiment, parent) for t in pending]
+            _check_trials(plan, pending, configs)
+            started_ray = init_ray(address) or started_ray
+            stopped = _run_trials(plan, pending, configs, root, address, failed)
+            if spec.scheduler.name == "asha":
+                _close_early_stopped(client, experiment_id, parent, stopped)
+    finally:
+        if started_ray:
+            ray.shutdown()
     done = _finished_trials(client, experiment_id, parent)
     failed = sorted(
         set(failed) | {t.key for t in plan.trials if t.key not in done and spec.scheduler.name == "fifo"}
@@ -576,13 +561,87 @@ def run_sweep(
     )
 
 
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _refuse_state_without_resume(spec: SweepSpec, resume: bool) -> None:
+    root = storage_root(spec)
+    if not resume and (root / STATE_FILE).is_file():
+        raise ConfigError(
+            f"sweep {spec.name!r} already has state in {root}; add --resume to finish it, "
+            "or give the sweep another name"
+        )
+
+
+def _open_parent(
+    client: Any,
+    plan: SweepPlan,
+    experiment_id: str,
+    experiment: str,
+    uri: str,
+    resume: bool,
+    sweep_file_text: str | None,
+    echo: bool,
+) -> str:
+    """The sweep's MLflow parent run: the one in the storage folder's state, or with ``--resume`` and no
+    state the latest of this sweep in the store, else a new one (the state file written atomically)."""
+    spec = plan.spec
+    root = storage_root(spec)
+    state_path = root / STATE_FILE
+    state = {"experiment": experiment, "uri": uri}
+    if state_path.is_file():
+        _refuse_state_without_resume(spec, resume)
+        parent = json.loads(state_path.read_text())["parent_run_id"]
+        client.update_run(parent, status="RUNNING")
+        return parent
+    adopted = _latest_parent(client, experiment_id, spec.name) if resume else None
+    if adopted is not None:  # --resume from another folder: the tracking store knows the sweep
+        client.update_run(adopted, status="RUNNING")
+        root.mkdir(parents=True, exist_ok=True)
+        _atomic_write(state_path, json.dumps({"parent_run_id": adopted, **state}))
+        if echo:
+            print(
+                f"sweep {spec.name}: no state in {root}; resuming its latest parent run {adopted} from the "
+                "tracking store (unfinished trials restart: their checkpoints are where the sweep first ran)"
+            )
+        return adopted
+    if resume and echo:
+        print(f"sweep {spec.name}: --resume found no earlier run of it in {uri}; starting it")
+    parent = client.create_run(
+        experiment_id, run_name=spec.name, tags={SWEEP_TAG: spec.name, "midasbench.sweep_parent": "true"}
+    ).info.run_id
+    client.log_text(parent, sweep_file_text or yaml.safe_dump(spec.model_dump(mode="json")), "sweep.yaml")
+    client.log_text(parent, plan.table(), "trials.txt")
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write(state_path, json.dumps({"parent_run_id": parent, **state}))
+    return parent
+
+
+def _check_trials(plan: SweepPlan, pending: list[Trial], configs: list[RunConfig]) -> None:
+    """Build each dataset once, here, before any trial reads it, and refuse a method that cannot run on
+    its dataset before any trial starts."""
+    from midasbench.datasets import ArrowDataset
+    from midasbench.harness.training.trainer import check_method_requirements, dataset_path
+
+    modality_counts: dict[str, int] = {}
+    for trial, cfg in zip(pending, configs, strict=True):
+        data_key = json.dumps(trial.config["data"], sort_keys=True)
+        if data_key not in modality_counts:
+            modality_counts[data_key] = len(ArrowDataset(dataset_path(cfg)).manifest.modality_names)
+        try:
+            check_method_requirements(cfg, modality_counts[data_key])
+        except ConfigError as exc:
+            raise ConfigError(f"sweep {plan.spec.name}: trial {trial.assignment}: {exc}") from None
+
+
 def _run_trials(
     plan: SweepPlan,
-    pending: list[Any],
+    pending: list[Trial],
+    configs: list[RunConfig],
     root: Path,
-    uri: str,
-    experiment: str,
-    parent: str,
     address: str | None,
     failed: list[str],
 ) -> list[str]:
@@ -593,12 +652,12 @@ def _run_trials(
 
     spec = plan.spec
     max_concurrent = check_fits(spec, ray.cluster_resources(), strict=address is None)
-    payloads = [_trial_payload(plan, t, root, uri, experiment, parent) for t in pending]
+    payloads = [_trial_payload(cfg, spec, t.key) for t, cfg in zip(pending, configs, strict=True)]
     scheduler = None
     if spec.scheduler.name == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        epochs = max(p["config"]["train"]["epochs"] for p in payloads)
+        epochs = max(cfg.train.epochs for cfg in configs)
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             metric=spec.scheduler.metric,
