@@ -23,7 +23,10 @@ encoders and unimodal heads (Algorithm 1). Every ambiguity of the paper is a nam
   L2 distance to a similarity; ours is ``s = 2·exp(−d / d̄) − 1`` with ``d̄`` the mean distance over the
   batch's valid pairs, so ``s`` lies in (−1, 1], equals 1 for identical features and falls with distance.
 * ``level``: ``feature`` (App. A.3, reuses the aligned features) or ``input`` (re-encodes the misaligned
-  inputs; for the cost comparison of Table 8).
+  inputs; for the cost comparison of Table 8). At feature level the aligned batch and the M misaligned
+  batches go through the fusion head as one batch of (1 + M)·b rows (the official code calls it once per
+  direction): the same values for every fusion head of the registry, which all act row by row; a fusion
+  head with batch statistics would see the rows together.
 * Ablations of Table 2: ``use_warmup`` (W), ``use_weak_modality_weight`` (WM), ``use_hard_sample_weight``
   (HS).
 
