@@ -15,9 +15,7 @@ from the trial's MLflow run, whose clock is the benchmark's own:
 * **report**: the seconds spent inside each per-epoch ``ray.train.report`` (rank 0) or ``tune.report``
   (single-worker) call, timed in the trial's processes by a probe that wraps those functions (a generated
   ``sitecustomize.py`` on ``PYTHONPATH``; see ``_bench_support.install_report_probe``). The final report
-  (after the test evaluation) is left out. Both sweeps use the ASHA scheduler (its grace period the whole
-  run, so that it stops nothing): only a scheduler that reads every epoch makes trials report every epoch;
-  a FIFO sweep's trials report once, at the end.
+  (after the test evaluation) is left out.
 
 Goals (issue 13): start-up of ``workers: 2`` ≤ 10 s over single-worker; rank 0's per-epoch report ≤ 5 % of
 an epoch of the ``workers: 2`` trial (no blocking wait on a health-check tick). Exit status 1 when missed.
@@ -62,10 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def asha(epochs: int) -> dict[str, object]:
-    return {"name": "asha", "grace_period": epochs}
-
-
 def split_times(run: SweepRun, side: str) -> dict[str, float]:
     """Start-up, median epoch, teardown, whole command, and rank 0's median per-epoch report."""
     if len(run.trials) != 1 or len(run.trials[0].epochs) < 2:
@@ -99,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         build_data(base)
         for repeat in range(args.repeats):
             for side, resources in SIDES.items():
-                sweep = {
-                    "base": "synthetic",
-                    "overrides": base,
-                    "resources": resources,
-                    "scheduler": asha(args.epochs),
-                }
+                sweep = {"base": "synthetic", "overrides": base, "resources": resources}
                 times = split_times(run_sweep_command("ray-train", sweep, probe=True, keep=args.keep), side)
                 for key, value in times.items():
                     results[side].setdefault(key, []).append(value)

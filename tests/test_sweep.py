@@ -355,21 +355,20 @@ def test_an_autoscaling_cluster_only_warns_about_missing_resources(capsys):
     assert "needs 1 GPU" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("scheduler", "reports"), [("fifo", 1), ("asha", 3)])
-def test_trials_report_every_epoch_only_where_a_scheduler_reads_them(scheduler, reports, tiny_config):
-    # issue 13: a report costs a barrier across a Ray Train trial's ranks and may wait for a health-check
-    # tick; FIFO reads only the end, ASHA every epoch. The worker gets the validated config as it is.
+def test_trials_report_every_epoch_and_workers_get_the_validated_config(tiny_config):
+    # issue 13: the worker gets the config as validated in the driver (a RunConfig, not a dict to validate
+    # again); every epoch is reported (a scheduler reads them; an orphaned trial's report fails), the last
+    # one after the test evaluation
     import pickle
 
     from midasbench.harness.config import RunConfig
     from midasbench.harness.sweeps.sweep import SweepSpec, _train_reporting, _trial_payload
 
     cfg = tiny_config()  # 3 epochs
-    payload = _trial_payload(cfg, SweepSpec(name="x", scheduler={"name": scheduler}), "t-key")
+    payload = _trial_payload(cfg, SweepSpec(name="x"), "t-key")
     shipped = pickle.loads(pickle.dumps(payload))["config"]  # what Ray hands the worker
     assert isinstance(shipped, RunConfig) and shipped == cfg
     calls: list[dict] = []
-    _train_reporting(shipped, "t-key", calls.append, payload["report_every_epoch"])
-    assert len(calls) == reports
-    assert [c["epoch"] for c in calls] == list(range(3))[-reports:]
+    _train_reporting(shipped, "t-key", calls.append)
+    assert [c["epoch"] for c in calls] == [0, 1, 2]
     assert "test/acc" in calls[-1] and not any("test/acc" in c for c in calls[:-1])

@@ -266,14 +266,8 @@ def trial_config(
 
 def _trial_payload(cfg: RunConfig, spec: SweepSpec, key: str) -> dict:
     """What Tune hands the trial: the config already validated (a ``RunConfig``, pickled as it is, so no
-    worker validates it again), the resources, the trial's key and whether its scheduler reads every
-    epoch's metrics."""
-    return {
-        "config": cfg,
-        "resources": spec.resources.model_dump(),
-        "key": key,
-        "report_every_epoch": spec.scheduler.name != "fifo",
-    }
+    worker validates it again), the resources and the trial's key."""
+    return {"config": cfg, "resources": spec.resources.model_dump(), "key": key}
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -312,19 +306,19 @@ def chaos_callback(checkpoint_dir: str, key: str) -> Any:
     return callback
 
 
-def _train_reporting(cfg: RunConfig, key: str, report: Any, every_epoch: bool) -> None:
-    """Train one trial and report its metrics to Ray: after each epoch when a scheduler reads them
-    (``every_epoch``: ASHA stops trials on them), else only at the end (the metrics are in MLflow; a report
-    costs a barrier across a Ray Train trial's ranks and can wait up to a health-check tick). The last epoch
-    is reported only after the test evaluation and MLflow logging are done: a scheduler may stop a trial at
-    any report, and stopping at the final one would otherwise cut off the run's test metrics."""
+def _train_reporting(cfg: RunConfig, key: str, report: Any) -> None:
+    """Train one trial, reporting each epoch's metrics to Ray (a scheduler reads them, and a report to a
+    sweep whose driver died fails, so an orphaned trial stops at its next epoch instead of training on
+    beside the one a ``--resume`` starts). The last epoch is reported only after the test evaluation and
+    MLflow logging are done: a scheduler may stop a trial at any report, and stopping at the final one
+    would otherwise cut off the run's test metrics."""
     from midasbench.harness.training.trainer import train
 
     last = cfg.train.epochs - 1
     final: dict[str, Any] = {}
 
     def per_epoch(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        if epoch < last and every_epoch:
+        if epoch < last:
             report({"epoch": epoch, **_numeric(metrics)})
         else:
             final.update({"epoch": epoch, **_numeric(metrics)})
@@ -338,8 +332,7 @@ def _train_in_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     cfg = _with_node_tag(loop_config["config"])
-    every_epoch = loop_config["report_every_epoch"]
-    _train_reporting(cfg, cfg.tracking.tags[TRIAL_TAG], ray.train.report, every_epoch)  # every rank reports
+    _train_reporting(cfg, cfg.tracking.tags[TRIAL_TAG], ray.train.report)  # every rank must report
 
 
 def run_trial(tune_config: dict[str, Any]) -> None:
@@ -349,9 +342,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     payload = tune_config["trial"]
     resources = Resources.model_validate(payload["resources"])
     if resources.workers == 1:
-        _train_reporting(
-            _with_node_tag(payload["config"]), payload["key"], tune.report, payload["report_every_epoch"]
-        )
+        _train_reporting(_with_node_tag(payload["config"]), payload["key"], tune.report)
         return
 
     import ray.train
@@ -363,7 +354,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     root = Path(payload["config"].train.checkpoint_dir).parent.parent
     trainer = TorchTrainer(
         _train_in_worker,
-        train_loop_config={"config": payload["config"], "report_every_epoch": payload["report_every_epoch"]},
+        train_loop_config={"config": payload["config"]},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker
         ),
