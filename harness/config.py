@@ -156,6 +156,13 @@ class TrackingConfig(_Section):
     experiment: str = "midasbench"
     run_name: str | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    flush_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="at the end of a run, how long to wait for an unreachable or saturated tracking store "
+        "to take the run's journaled records before the run fails (they stay in its checkpoint folder and "
+        "are sent by its next attempt)",
+    )
 
 
 class RunConfig(_Section):

@@ -1,27 +1,35 @@
 """MLflow tracking of one run: params, per-epoch metrics, final metrics, tags, artifacts.
 
-Everything goes through an explicit ``MlflowClient`` and run id (no ``mlflow.start_run`` globals and no
-``set_experiment``, which exports ``MLFLOW_EXPERIMENT_ID`` and silently redirects other loggers; stack.md
-§3 gotcha 2), so concurrent runs in one process or many never share state. A resumed run re-opens its
-MLflow run by id, so a crash and resume still give exactly one run.
+``MlflowTracker`` (``mlflow_tracker.py``) journals every record before it is sent and sends in the
+background (``journal.py``, ``retry.py``); this module holds what the rest of the harness shares: the
+store's URI, experiments, the flattened params, the run's provenance. Everything goes through an explicit
+``MlflowClient`` and run id (no ``mlflow.start_run`` globals and no ``set_experiment``, which exports
+``MLFLOW_EXPERIMENT_ID`` and silently redirects other loggers; stack.md §3 gotcha 2), so concurrent runs
+in one process or many never share state. A resumed run re-opens its MLflow run by id, so a crash and
+resume still give exactly one run.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import subprocess
-import time
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
+# MLflow's telemetry thread can remove an environment variable while a request reads os.environ (a
+# KeyError no retry catches, issue 14); off before mlflow is first imported.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from .mlflow_tracker import IDENTITY_TAG, RUN_KEY_TAG, MlflowTracker
+
+__all__ = ["IDENTITY_TAG", "RUN_KEY_TAG", "MlflowTracker", "NullTracker", "Tracker", "ensure_experiment"]
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-IDENTITY_TAG = "midasbench.trial"  # a sweep trial's key: with its parent run, identifies its one MLflow run
 MAX_PARAM_LENGTH = 6000
 
 
@@ -137,69 +145,3 @@ def ensure_experiment(uri: str, name: str) -> str:
         if experiment is None:
             raise
         return experiment.experiment_id
-
-
-class MlflowTracker:
-    def __init__(self, uri: str, experiment: str) -> None:
-        from mlflow.tracking import MlflowClient
-
-        self.uri = uri
-        self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=uri)
-        self.run_id: str | None = None
-
-    def start(
-        self, run_name: str, params: dict[str, str], tags: dict[str, str], resume_run_id: str | None
-    ) -> None:
-        from mlflow.entities import Param
-
-        if resume_run_id is not None:
-            self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
-            self.set_tags({"midasbench.resumed": "true"})
-            return
-        experiment_id = ensure_experiment(self.uri, self.experiment)
-        adopted = self._unfinished_run_with_identity(experiment_id, tags)
-        if adopted is not None:  # a sweep trial that died before its first checkpoint: same run again
-            self.run_id = adopted
-            self.client.update_run(adopted, status="RUNNING")
-            self.set_tags({"midasbench.resumed": "true"})
-            return
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
-        items = [Param(k, v) for k, v in params.items()]
-        for start in range(0, len(items), 90):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start : start + 90])
-
-    def _unfinished_run_with_identity(self, experiment_id: str, tags: dict[str, str]) -> str | None:
-        """An earlier, unfinished run of the same sweep trial (same parent run and trial key), if any."""
-        parent, trial = tags.get("mlflow.parentRunId"), tags.get(IDENTITY_TAG)
-        if not parent or not trial:
-            return None
-        runs = self.client.search_runs(
-            [experiment_id],
-            f"tags.mlflow.parentRunId = '{parent}' and tags.`{IDENTITY_TAG}` = '{trial}' "
-            "and attributes.status != 'FINISHED'",
-            max_results=1,
-        )
-        return runs[0].info.run_id if runs else None
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        for start in range(0, len(items), 900):
-            self.client.log_batch(self.run_id, metrics=items[start : start + 900])
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def end(self, status: str) -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status=status)

@@ -169,10 +169,21 @@ def default_checkpoint_dir(cfg: RunConfig) -> Path:
     return Path(".midasbench") / "checkpoints" / cfg.fingerprint()
 
 
-def make_tracker(cfg: RunConfig, rank: int) -> Tracker:
+def make_tracker(
+    cfg: RunConfig, rank: int, journal_dir: Path | None = None, fingerprint: str = ""
+) -> Tracker:
+    """Rank 0's MLflow tracker, journaling into the run's checkpoint folder (``journal_dir``); a resuming
+    run adopts the journal an earlier attempt left there."""
     if not cfg.tracking.enabled or rank != 0:
         return NullTracker()
-    return MlflowTracker(resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment)
+    return MlflowTracker(
+        resolve_tracking_uri(cfg.tracking.uri),
+        cfg.tracking.experiment,
+        journal_dir,
+        fingerprint,
+        adopt=cfg.train.resume,
+        flush_timeout_s=cfg.tracking.flush_timeout_s,
+    )
 
 
 def split_manifest(dataset: ArrowDataset) -> dict[str, Any]:
@@ -448,11 +459,11 @@ def train(
     """Train one run as ``cfg`` describes; resume from its epoch checkpoint if one is there."""
     run = TrainingRun(cfg)
     run.resume()
-    tracker = tracker or make_tracker(cfg, run.runtime.rank)
-    _start_tracking(run, tracker)
+    tracker = tracker or make_tracker(cfg, run.runtime.rank, run.checkpoints.directory, run.fingerprint)
     status = "FAILED"
     bar = _progress(cfg.train.progress, run.runtime.rank, cfg.train.epochs, run.progress.start_epoch)
     try:
+        _start_tracking(run, tracker)
         for epoch in range(run.progress.start_epoch, cfg.train.epochs):
             metrics = run.train_epoch(epoch)
             improved = run.validate(epoch, metrics)
@@ -475,7 +486,7 @@ def train(
         if run.runtime.rank == 0:
             run.checkpoints.mark_completed()
         status = "FINISHED"
-        return RunResult(
+        result = RunResult(
             method=run.method.label,
             run_id=tracker.run_id,
             best_epoch=p.best_epoch,
@@ -489,7 +500,20 @@ def train(
         raise
     finally:
         bar.close()
+        _end_tracking(tracker, status, another_error=status != "FINISHED")
+    return result
+
+
+def _end_tracking(tracker: Tracker, status: str, another_error: bool) -> None:
+    """End the run's tracking (a ``TrackingError`` when the store did not take the run's records). While
+    ``another_error`` is on its way up, a tracking failure is reported beside it instead of replacing it:
+    the first error is the one to fix."""
+    try:
         tracker.end(status)
+    except Exception as exc:
+        if not another_error:
+            raise
+        print(f"warning: tracking could not end the run after the error below: {exc}", file=sys.stderr)
 
 
 def clone_config(cfg: RunConfig, updates: dict[str, Any]) -> RunConfig:
