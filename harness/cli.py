@@ -322,6 +322,28 @@ def _cmd_tune_lambda(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_tracking_server(args: argparse.Namespace) -> int:
+    from midasbench.harness.tracking.server import ServerSizing, server_command, supervise
+
+    sizing = ServerSizing.from_environment(
+        workers=args.workers,
+        pool_size=args.pool_size,
+        max_overflow=args.max_overflow,
+        max_connections=args.max_connections,
+    )
+    sizing.check()
+    command = server_command(
+        args.backend_store_uri, args.artifacts_destination, args.host, args.port, sizing.workers
+    )
+    print(
+        f"tracking-server: {sizing.workers} workers × (pool {sizing.pool_size} + overflow "
+        f"{sizing.max_overflow}) connections, under max_connections {sizing.max_connections}",
+        file=sys.stderr,
+    )
+    supervise(command, sizing.environment(), restart_delay_s=args.restart_delay)
+    return EXIT_OK
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from midasbench.analysis.paper import make_report
     from midasbench.analysis.report import ReportError
@@ -538,6 +560,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("what", choices=["methods", "datasets", "encoders", "fusions", "transforms", "presets"])
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser(
+        "tracking-server",
+        help="run a cluster's MLflow server, sized for its trials and restarted whenever it dies",
+        description="Runs `mlflow server` and starts it again when it exits. Sizing defaults come from "
+        "MIDASBENCH_MLFLOW_WORKERS, MLFLOW_SQLALCHEMYSTORE_POOL_SIZE, MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW "
+        "and MIDASBENCH_DB_MAX_CONNECTIONS; workers × (pool + overflow) must stay under max_connections.",
+    )
+    p.add_argument(
+        "--backend-store-uri", required=True, help="e.g. postgresql://mlflow:mlflow@127.0.0.1/mlflow"
+    )
+    p.add_argument("--artifacts-destination", required=True, help="a folder or s3:// prefix")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument(
+        "--workers", type=int, help="server worker processes (default $MIDASBENCH_MLFLOW_WORKERS or 4)"
+    )
+    p.add_argument("--pool-size", type=int, help="SQLAlchemy pool per worker (default 20)")
+    p.add_argument(
+        "--max-overflow", type=int, help="extra connections per worker beyond the pool (default 20)"
+    )
+    p.add_argument("--max-connections", type=int, help="the database's max_connections (default 300)")
+    p.add_argument("--restart-delay", type=float, default=2.0, help="seconds before a dead server restarts")
+    p.set_defaults(func=_cmd_tracking_server)
 
     p = sub.add_parser(
         "demo", help="joint, MIDAS and unimodal baselines on offline data, 3 seeds, then the table"

@@ -57,7 +57,15 @@ def test_cluster_config_installs_midasbench_and_starts_the_mlflow_server(name):
     assert install, "setup_commands install midasbench"
     assert f"-c {synced}/constraints.txt" in install[0] and f"-e {synced}" in install[0]
     assert "ray[default]" in install[0]  # the autoscaler and the job server run on the nodes
-    assert any("mlflow server" in c and "--port 5000" in c for c in config["head_start_ray_commands"])
+    (server,) = [c for c in config["head_start_ray_commands"] if "midasbench tracking-server" in c]
+    assert "--port 5000" in server and "--backend-store-uri postgresql://" in server
+    sizes = {k: int(v) for k, v in re.findall(r"(MIDASBENCH_\w+|MLFLOW_SQLALCHEMYSTORE_\w+)=(\d+)", server)}
+    pools = sizes["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"] + sizes["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"]
+    # issue 14: the server's pools together stay under the database's connections, which setup raises to
+    assert sizes["MIDASBENCH_MLFLOW_WORKERS"] * pools < sizes["MIDASBENCH_DB_MAX_CONNECTIONS"]
+    head_setup = " ".join(config["head_setup_commands"])
+    assert "install -y -q postgresql" in head_setup and "psycopg2-binary" in head_setup
+    assert f"max_connections = {sizes['MIDASBENCH_DB_MAX_CONNECTIONS']}" in head_setup
     assert any("ray start --head" in c for c in config["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
 

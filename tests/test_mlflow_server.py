@@ -62,52 +62,69 @@ def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+class Server:
+    """`mlflow server` on a loopback port, sqlite backend and proxied artifacts in ``root``; can be
+    stopped (or killed) and started again on the same port and store, as a supervisor would."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = root / "artifacts"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job runners: only the tracking API
+        with (self.root / "server.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(MLFLOW),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.root / 'srv.db'}",
+                    "--artifacts-destination",
+                    str(self.artifacts),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                ],
+                cwd=self.root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so teardown reaches the uvicorn worker too
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(self.url):
+            if self.process.poll() is not None:
+                pytest.fail(
+                    f"mlflow server exited with {self.process.returncode}:\n{_tail(self.root / 'server.log')}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{_tail(self.root / 'server.log')}"
+                )
+            time.sleep(0.5)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.process is not None:
+            _stop_group(self.process, grace_s)
+            self.process = None
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """`mlflow server` on a free loopback port, sqlite backend and proxied artifacts in a temporary folder.
     Yields ``(url, artifacts_folder)``."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    artifacts = root / "artifacts"
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job runners: only the tracking API
-    log = (root / "server.log").open("wb")
-    process = subprocess.Popen(
-        [
-            str(MLFLOW),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'srv.db'}",
-            "--artifacts-destination",
-            str(artifacts),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        cwd=root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so teardown reaches the uvicorn worker too
-    )
+    server = Server(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(url):
-            if process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {process.returncode}:\n{_tail(root / 'server.log')}")
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow server not healthy after {START_TIMEOUT_S} s:\n{_tail(root / 'server.log')}"
-                )
-            time.sleep(0.5)
-        yield url, artifacts
+        yield server.url, server.artifacts
     finally:
-        _stop_group(process)
-        log.close()
+        server.stop()
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -182,3 +199,65 @@ def test_a_sweep_logs_child_runs_under_one_parent_to_the_server(
     assert {r.data.tags[TRIAL_TAG] for r in children} == {t.key for t in plan.trials}
     assert sorted(r.data.params["train.seed"] for r in children) == ["0", "1"]
     assert all("test/acc" in r.data.metrics and r.data.tags.get("ray.node_id") for r in children)
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from midasbench.harness.tracking import MlflowTracker
+uri, folder, name, epochs = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+tracker = MlflowTracker(uri, "restarts", folder, "fp", flush_timeout_s=120)
+tracker.start(name, {f"p{i}": str(i) for i in range(60)}, {"writer": name}, None)
+for epoch in range(epochs):
+    tracker.log_metrics({f"m{k}": epoch + k / 100 for k in range(40)}, epoch)
+    time.sleep(0.2)
+tracker.end("FINISHED")
+print(tracker.run_id)
+"""
+
+
+@pytest.mark.slow
+def test_writers_lose_nothing_when_the_server_is_killed_and_restarted(tmp_path):
+    # issue 14: concurrent trials log through the project's tracker while their server dies mid-run and
+    # comes back (as its supervisor restarts it): the records wait in the journals, nothing is lost or
+    # stored twice, every run ends FINISHED, no writer fails
+    server = Server(tmp_path)
+    server.start()
+    epochs, names = 25, ["w0", "w1", "w2"]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, server.url, str(tmp_path / name), name, str(epochs)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    try:
+        time.sleep(4)  # the writers have started their runs and logged a few epochs
+        os.killpg(server.process.pid, signal.SIGKILL)  # the server dies without a goodbye
+        server.process.wait()
+        server.process = None
+        time.sleep(3)
+        server.start()  # restarted on the same port and store
+        outputs = [w.communicate(timeout=240) for w in writers]
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+    for writer, (_, err) in zip(writers, outputs, strict=True):
+        assert writer.returncode == 0, err[-2000:]
+    client = MlflowClient(tracking_uri=server.url)
+    try:
+        experiment = client.get_experiment_by_name("restarts")
+        runs = client.search_runs([experiment.experiment_id])
+        assert sorted(r.data.tags["writer"] for r in runs) == names  # one run per writer, no duplicate
+        for run in runs:
+            assert run.info.status == "FINISHED" and len(run.data.params) == 60
+            assert len(run.data.metrics) == 40
+            for key in ("m0", "m39"):
+                assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(
+                    range(epochs)
+                )
+    finally:
+        server.stop()
