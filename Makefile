@@ -35,7 +35,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-BENCHMARKS := bench_arrow_gather bench_loader bench_midas_cost bench_sweep_overhead bench_ray_train bench_parallel_trials
+BENCHMARKS := bench_arrow_gather bench_loader bench_midas_cost bench_sweep_overhead bench_ray_train bench_parallel_trials bench_gpu bench_tracking_load
 
 # every table is printed; the exit status is 1 if any script missed its goal
 bench: $(STAMP)

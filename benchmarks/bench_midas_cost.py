@@ -132,6 +132,8 @@ def write_clips(model: Model, root: Path) -> Path:
         return SplitArrays(ids=[f"{prefix}{i}" for i in range(n)], labels=np.arange(n) % 6, modalities=values)
 
     path = root / f"data-{model.key}"
+    if (path / "manifest.json").is_file():  # written already (one dataset serves every case of a model)
+        return path
     write_dataset(
         path,
         name="bench",
