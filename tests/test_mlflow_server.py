@@ -3,7 +3,6 @@ over HTTP, and everything the sqlite tests check can be read back from the serve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -11,8 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from midasbench.harness.config import build_config
+from midasbench.harness.tracking.server import healthy, stop_process_group
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 START_TIMEOUT_S = 60
@@ -29,37 +27,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the server's process group (server, uvicorn worker), then SIGKILL what is left."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; its children may still be closing
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 class Server:
@@ -98,7 +65,7 @@ class Server:
                 start_new_session=True,  # its own process group, so teardown reaches the uvicorn worker too
             )
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _healthy(self.url):
+        while not healthy(self.url):
             if self.process.poll() is not None:
                 pytest.fail(
                     f"mlflow server exited with {self.process.returncode}:\n{_tail(self.root / 'server.log')}"
@@ -111,7 +78,7 @@ class Server:
 
     def stop(self, grace_s: float = 10.0) -> None:
         if self.process is not None:
-            _stop_group(self.process, grace_s)
+            stop_process_group(self.process, grace_s)
             self.process = None
 
 

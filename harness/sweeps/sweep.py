@@ -498,6 +498,7 @@ def run_sweep(
     with ``resume``, where there may be nothing left to run, Ray starts only once trials are pending.
     """
     import ray
+    from mlflow.tracking import MlflowClient
 
     from midasbench.harness.tracking import ensure_experiment, resolve_tracking_uri
 
@@ -514,7 +515,7 @@ def run_sweep(
             if not resume:
                 started_ray = init_ray(address)
             experiment_id = store.result()
-        client = _client(uri)
+        client = MlflowClient(tracking_uri=uri)
         parent = _open_parent(client, plan, experiment_id, experiment, uri, resume, sweep_file_text, echo)
         done = _finished_trials(client, experiment_id, parent)
         pending = [t for t in plan.trials if t.key not in done]
@@ -550,12 +551,6 @@ def run_sweep(
         failed=failed,
         seconds=time.time() - start,
     )
-
-
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def _refuse_state_without_resume(spec: SweepSpec, resume: bool) -> None:

@@ -43,7 +43,6 @@ class MlflowTracker:
         *,
         adopt: bool = True,
         flush_timeout_s: float = 600.0,
-        start_timeout_s: float | None = None,
     ) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -51,9 +50,7 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.journal = Journal.open(journal_dir, fingerprint, adopt=adopt)
         self.flush_timeout_s = flush_timeout_s
-        self.start_timeout_s = flush_timeout_s if start_timeout_s is None else start_timeout_s
         self.run_id: str | None = self.journal.run_id
-        self.calls = 0  # calls made to the store (tests count them)
         self._wake, self._closing = threading.Event(), threading.Event()
         self._deadline = math.inf
         self._last_error: BaseException | None = None
@@ -68,7 +65,7 @@ class MlflowTracker:
         attempt that died before its params were stored leaves no run without them."""
         from midasbench.harness.tracking import ensure_experiment
 
-        deadline = time.monotonic() + self.start_timeout_s
+        deadline = time.monotonic() + self.flush_timeout_s
         experiment_id = self._retry(lambda: ensure_experiment(self.uri, self.experiment), "open", deadline)
         adopted = (
             resume_run_id
@@ -112,7 +109,6 @@ class MlflowTracker:
         return found[0] if found else None
 
     def _search(self, experiment_id: str, query: str) -> list[str]:
-        self.calls += 1
         runs = self.client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
         return [run.info.run_id for run in runs]
 
@@ -121,13 +117,11 @@ class MlflowTracker:
         found first; runs the HTTP layer re-sent are deleted but the earliest."""
         existing = self._search(experiment_id, f"tags.`{RUN_KEY_TAG}` = '{self.journal.run_key}'")
         if not existing:
-            self.calls += 1
             self.client.create_run(
                 experiment_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: self.journal.run_key}
             )
             existing = self._search(experiment_id, f"tags.`{RUN_KEY_TAG}` = '{self.journal.run_key}'")
         for duplicate in existing[1:]:
-            self.calls += 1
             self.client.delete_run(duplicate)
         return existing[0]
 
@@ -210,11 +204,9 @@ class MlflowTracker:
         first = pending[0]
         if first.op in ("text", "end"):
             if first.op == "text":
-                self._call(
-                    lambda: self.client.log_text(self.run_id, first.data["text"], first.data["artifact_file"])
-                )
+                self.client.log_text(self.run_id, first.data["text"], first.data["artifact_file"])
             else:
-                self._call(lambda: self.client.set_terminated(self.run_id, status=first.data["status"]))
+                self.client.set_terminated(self.run_id, status=first.data["status"])
             self.journal.acknowledge(first.seq)
             return
         batch = _Batch()
@@ -224,12 +216,8 @@ class MlflowTracker:
                 break
             batch.add(entry)
             last = entry.seq
-        self._call(lambda: self.client.log_batch(self.run_id, **batch.arguments()))
+        self.client.log_batch(self.run_id, **batch.arguments())
         self.journal.acknowledge(last)
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        self.calls += 1
-        return fn()
 
     def _retry(self, fn: Callable[[], T], what: str, deadline: float) -> T:
         """``fn`` retried on transient failures until ``deadline`` (start-up: there is no run yet)."""

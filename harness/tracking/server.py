@@ -17,6 +17,7 @@ journals). SIGTERM or SIGINT stop the child and the supervisor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -115,7 +116,7 @@ def supervise(
         while process.poll() is None and not stop.wait(0.5):
             pass
         if process.poll() is None:  # asked to stop
-            _stop_group(process)
+            stop_process_group(process)
             break
         code = process.returncode
         print(f"tracking-server: the server exited with {code}; restart in {restart_delay_s:g} s", file=log)
@@ -123,31 +124,46 @@ def supervise(
     return starts
 
 
-def _stop_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the server's process group (server, uvicorn workers), then SIGKILL what is left, and wait
+    until the group's last process is gone (its port is free again)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
-            return
+            break
         try:
-            process.wait(timeout=grace_s)
-            return
+            process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             continue
+        deadline = time.monotonic() + wait_s  # the leader is gone; its children may still be closing
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def healthy(url: str) -> bool:
+    """True when ``url``/health answers 200 now."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def wait_healthy(url: str, timeout_s: float = 60.0) -> bool:
     """True once ``url``/health answers 200 (for scripts and tests)."""
-    import urllib.error
-    import urllib.request
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
+        if healthy(url):
+            return True
         time.sleep(0.5)
     return False
