@@ -372,3 +372,25 @@ def test_trials_report_every_epoch_and_workers_get_the_validated_config(tiny_con
     _train_reporting(shipped, "t-key", calls.append)
     assert [c["epoch"] for c in calls] == [0, 1, 2]
     assert "test/acc" in calls[-1] and not any("test/acc" in c for c in calls[:-1])
+
+
+def test_a_trial_stopped_at_a_report_ends_its_run_killed_not_failed(tiny_config, mlflow_uri):
+    # Ray stops a trial by raising SystemExit in its report; a run that ended FAILED then overruled the
+    # sweep's KILLED + early-stopped mark when its last write came after it (the flaky ASHA test)
+    from mlflow.tracking import MlflowClient
+
+    from midasbench.harness.sweeps.sweep import _train_reporting
+
+    cfg = tiny_config("tracking.enabled=true", f"tracking.uri={mlflow_uri}", "tracking.experiment=stopped")
+
+    def report(metrics: dict) -> None:
+        if metrics["epoch"] == 1:
+            raise SystemExit(0)  # as ray.train's session does once the trial's stop event is set
+
+    with pytest.raises(SystemExit) as stopped:
+        _train_reporting(cfg, "t-key", report)
+    assert stopped.value.code == 0
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
+    assert run.info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [0, 1]

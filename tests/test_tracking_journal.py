@@ -145,6 +145,29 @@ def test_a_saturated_store_delays_logging_and_loses_nothing(store, tmp_path, mon
     )
 
 
+def test_an_unreachable_store_delays_the_run_not_its_training(store, tmp_path, monkeypatch):
+    # "a slow or unreachable server delays logging, not training": start and every record return while
+    # the store answers nothing, not even the run's creation; the attempt fails at its end naming the
+    # store, and the next attempt sends everything, the first one's records too, into one run
+    fast_backoff(monkeypatch)
+    first = tracker(store, "unreachable", tmp_path, flush_timeout_s=0.05)
+    first.client.fail = {"search_runs": 10**6, "create_run": 10**6}
+    first.start("r", {"lr": "0.1", "node": "a"}, {"k": "v"}, None)
+    for step in range(3):
+        first.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    assert first.run_id is None  # every record taken, and there is no run yet
+    with pytest.raises(TrackingError, match=r"of run \(not created yet\).*kept in .*tracking.jsonl"):
+        first.end("FAILED")
+    second = tracker(store, "unreachable", tmp_path)
+    second.start("r", {"lr": "0.1", "node": "b"}, {"k": "v"}, None)  # another node: not a changed param
+    second.log_metrics({"loss": 0.2}, 3)
+    second.end("FINISHED")
+    (run,) = runs(store, "unreachable")
+    assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.1", "node": "b"}
+    history = MlflowClient(store).get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [0, 1, 2, 3]
+
+
 def test_params_are_stored_when_a_crashed_attempt_is_adopted(store, tmp_path, monkeypatch):
     # the defect: a params batch failed inside start, the retried trial adopted the run and never logged
     # them: a FINISHED run with 0 params. Now the attempt's journal holds them and the next one sends them.

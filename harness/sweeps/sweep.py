@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from midasbench.harness.config import RunConfig, load_config
-from midasbench.harness.errors import ConfigError
+from midasbench.harness.errors import ConfigError, RunStopped
 from midasbench.harness.params import describe_validation_error
 from midasbench.harness.tracking import IDENTITY_TAG
 
@@ -319,11 +320,17 @@ def _train_reporting(cfg: RunConfig, key: str, report: Any) -> None:
 
     def per_epoch(epoch: int, metrics: dict[str, float], checkpoint_dir: Path) -> None:
         if epoch < last:
-            report({"epoch": epoch, **_numeric(metrics)})
+            try:
+                report({"epoch": epoch, **_numeric(metrics)})
+            except SystemExit:  # how Ray tells a trial it was stopped (its scheduler, the sweep's end)
+                raise RunStopped from None
         else:
             final.update({"epoch": epoch, **_numeric(metrics)})
 
-    result = train(cfg, callbacks=[per_epoch, chaos_callback(cfg.train.checkpoint_dir, key)])
+    try:
+        result = train(cfg, callbacks=[per_epoch, chaos_callback(cfg.train.checkpoint_dir, key)])
+    except RunStopped:
+        sys.exit(0)  # the run ended KILLED (the sweep tags it if its scheduler stopped it); as Ray expects
     report({**(final or {"epoch": last}), **{f"test/{k}": v for k, v in _numeric(result.test).items()}})
 
 

@@ -1,12 +1,12 @@
 """A run's MLflow tracker that never loses a record and never takes the training down with the server.
 
 Every call goes to the run's write-ahead journal first (``journal.py``) and returns; a background thread
-sends the journal to MLflow in batches (one ``log_batch`` per epoch: the params once, then each epoch's
-metrics), retrying transient failures with backoff for as long as the run trains. ``end`` appends the
-run's status and waits, at most ``flush_timeout_s``, until everything is stored: only then is the run
-marked FINISHED (the status is the journal's last entry). A store that stays unreachable fails the run
-with a ``TrackingError`` naming the store; the journal keeps every record and the run's next attempt
-sends them into the same MLflow run.
+creates the run (``start`` does not wait for the store either) and sends the journal to MLflow in
+batches (one ``log_batch`` per epoch: the params once, then each epoch's metrics), retrying transient
+failures with backoff for as long as the run trains. ``end`` appends the run's status and waits, at most
+``flush_timeout_s``, until everything is stored: only then is the run marked FINISHED (the status is the
+journal's last entry). A store that stays unreachable fails the run with a ``TrackingError`` naming the
+store; the journal keeps every record and the run's next attempt sends them into the same MLflow run.
 
 Run creation is made safe to repeat: the run carries a ``midasbench.run_key`` tag from the journal, a
 retry finds a run an earlier try created before its answer was lost, and runs the HTTP layer created
@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from midasbench.harness.errors import TrackingError
 
@@ -30,7 +31,6 @@ from .retry import backoff_delays, is_transient
 RUN_KEY_TAG = "midasbench.run_key"
 IDENTITY_TAG = "midasbench.trial"  # a sweep trial's key: with its parent run, identifies its one MLflow run
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's limits per log_batch
-T = TypeVar("T")
 
 
 class MlflowTracker:
@@ -56,41 +56,43 @@ class MlflowTracker:
         self._last_error: BaseException | None = None
         self._fatal: BaseException | None = None
         self._flusher: threading.Thread | None = None
+        self._opening: _Opening | None = None  # the run to create or adopt before anything is sent
 
     # ---- the run
     def start(
         self, run_name: str, params: dict[str, str], tags: dict[str, str], resume_run_id: str | None
     ) -> None:
-        """Create (or adopt) the run, then journal its params and tags: sent again on adoption, so an
-        attempt that died before its params were stored leaves no run without them."""
-        from midasbench.harness.tracking import ensure_experiment
-
-        deadline = time.monotonic() + self.flush_timeout_s
-        experiment_id = self._retry(lambda: ensure_experiment(self.uri, self.experiment), "open", deadline)
-        adopted = (
-            resume_run_id
-            or self.run_id
-            or self._retry(lambda: self._find_run(experiment_id, tags), "search", deadline)
-        )
-        if adopted is None:
-            self.run_id = self._retry(
-                lambda: self._create_run(experiment_id, run_name, tags), "create", deadline
-            )
-        else:
-            self.run_id = adopted
-            self._retry(lambda: self.client.update_run(adopted, status="RUNNING"), "reopen", deadline)
-            tags = {**tags, "midasbench.resumed": "true"}
-            # params are set once: send those the store lacks (an earlier attempt may have died before
-            # its params were stored) and keep the stored values of the others (a node id may differ)
-            stored = self._retry(lambda: self.client.get_run(adopted).data.params, "read", deadline)
-            params = {k: v for k, v in params.items() if k not in stored}
-            self.journal.drop_pending("params")
-            self.journal.drop_pending("end")  # the earlier attempt's status: this attempt ends the run
-        self.journal.acknowledge(self.journal.acked, self.run_id)
-        self._append_chunked("params", dict(params), MAX_PARAMS)
-        self._append_chunked("tags", {**tags, RUN_KEY_TAG: self.journal.run_key}, MAX_TAGS)
+        """Note what the run is and return at once: the flusher creates (or adopts) the run before it
+        sends anything, so a slow or unreachable store delays the run's records, not its training."""
+        self._opening = _Opening(run_name, dict(params), dict(tags), resume_run_id, self.journal.last_seq)
         self._flusher = threading.Thread(target=self._flush_loop, name="mlflow-flusher", daemon=True)
         self._flusher.start()
+
+    def _open(self, opening: _Opening) -> None:
+        """Create or adopt the run, then journal its params and tags; safe to repeat after a failure. On
+        adoption the params are sent again (only those the store lacks: an attempt that died before its
+        params were stored leaves no run without them, and a changed node id is no conflict)."""
+        from midasbench.harness.tracking import ensure_experiment
+
+        experiment_id = ensure_experiment(self.uri, self.experiment)
+        tags, params = opening.tags, opening.params
+        adopted = opening.resume_run_id or self.run_id or self._find_run(experiment_id, tags)
+        if adopted is None:
+            run_id = self._create_run(experiment_id, opening.run_name, tags)
+        else:
+            run_id = adopted
+            self.client.update_run(adopted, status="RUNNING")
+            tags = {**tags, "midasbench.resumed": "true"}
+            stored = self.client.get_run(adopted).data.params
+            params = {k: v for k, v in params.items() if k not in stored}
+        # an earlier attempt's unsent params and status (its journal was adopted): this one sends the
+        # params it was given and ends the run itself
+        self.journal.drop_pending("params", upto=opening.earlier_seq)
+        self.journal.drop_pending("end", upto=opening.earlier_seq)
+        self.journal.acknowledge(self.journal.acked, run_id)
+        self._append_chunked("params", params, MAX_PARAMS)
+        self._append_chunked("tags", {**tags, RUN_KEY_TAG: self.journal.run_key}, MAX_TAGS)
+        self.run_id = run_id
 
     def _find_run(self, experiment_id: str, tags: Mapping[str, str]) -> str | None:
         """An unfinished run this one continues: the one an earlier try of this journal created, or an
@@ -150,7 +152,7 @@ class MlflowTracker:
     def end(self, status: str) -> None:
         """Journal the status, then wait until the store holds everything (at most ``flush_timeout_s``);
         a ``TrackingError`` naming the store when it does not."""
-        if self.run_id is None:
+        if self._flusher is None and self.run_id is None:  # never started: nothing to end
             return
         self.journal.append("end", {"status": status})
         self._deadline = time.monotonic() + self.flush_timeout_s
@@ -161,7 +163,7 @@ class MlflowTracker:
         else:  # start() never ran its flusher: send from here
             self._flush_loop()
         left = self.journal.pending()
-        if self._fatal is not None or left:
+        if self._fatal is not None or left or self._opening is not None:
             cause = self._fatal or self._last_error
             raise self._store_error(
                 f"did not store {len(left)} records within {self.flush_timeout_s:g} s", cause
@@ -169,7 +171,7 @@ class MlflowTracker:
 
     def _store_error(self, what: str, cause: BaseException | None) -> TrackingError:
         return TrackingError(
-            f"MLflow tracking store {self.uri} {what} of run {self.run_id}"
+            f"MLflow tracking store {self.uri} {what} of run {self.run_id or '(not created yet)'}"
             + (f" (last error: {type(cause).__name__}: {str(cause)[:300]})" if cause else "")
             + f"; they are kept in {self.journal.path or 'memory'} and sent by the run's next attempt"
         )
@@ -178,15 +180,20 @@ class MlflowTracker:
     def _flush_loop(self) -> None:
         delays = backoff_delays()
         while True:
+            opening = self._opening
             pending = self.journal.pending()
-            if not pending:
+            if opening is None and not pending:
                 if self._closing.is_set():
                     return
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
             try:
-                self._send(pending)
+                if opening is not None:
+                    self._open(opening)
+                    self._opening = None
+                else:
+                    self._send(pending)
                 delays = backoff_delays()
             except Exception as exc:
                 if not is_transient(exc):
@@ -219,19 +226,16 @@ class MlflowTracker:
         self.client.log_batch(self.run_id, **batch.arguments())
         self.journal.acknowledge(last)
 
-    def _retry(self, fn: Callable[[], T], what: str, deadline: float) -> T:
-        """``fn`` retried on transient failures until ``deadline`` (start-up: there is no run yet)."""
-        for delay in backoff_delays():
-            try:
-                return fn()
-            except Exception as exc:
-                if not is_transient(exc) or time.monotonic() + delay > deadline:
-                    raise TrackingError(
-                        f"MLflow tracking store {self.uri}: could not {what} the run: {type(exc).__name__}: "
-                        f"{str(exc)[:300]}"
-                    ) from exc
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+
+@dataclass(frozen=True)
+class _Opening:
+    """What ``start`` was given; ``earlier_seq``: the last journal entry of earlier attempts."""
+
+    run_name: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    resume_run_id: str | None
+    earlier_seq: int
 
 
 class _Batch:

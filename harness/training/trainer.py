@@ -37,6 +37,7 @@ from midasbench.datasets.format import FROZEN_FEATURES_KEY, ArrowDataset, Manife
 from midasbench.datasets.loader import BatchLoader
 from midasbench.datasets.transforms import ModalityPipelines
 from midasbench.harness.config import RunConfig
+from midasbench.harness.errors import RunStopped
 from midasbench.harness.models.fusion import fusion_is_decomposable
 from midasbench.harness.models.model import MultimodalModel, build_model
 from midasbench.harness.tracking import (
@@ -495,12 +496,13 @@ def train(
             history=p.history,
             checkpoint_dir=run.checkpoints.directory,
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunStopped):
         status = "KILLED"
         raise
     finally:
         bar.close()
         _end_tracking(tracker, status, another_error=status != "FINISHED")
+    result.run_id = tracker.run_id  # known once its records are stored (the run is created in the background)
     return result
 
 
