@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,speech
+EXTRAS ?= test,speech,cluster
 
 .PHONY: demo test lint format bench install clean
 

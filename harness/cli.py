@@ -323,6 +323,7 @@ def _cmd_tune_lambda(args: argparse.Namespace) -> int:
 
 
 def _cmd_tracking_server(args: argparse.Namespace) -> int:
+    from midasbench.harness.errors import ConfigError
     from midasbench.harness.tracking.server import ServerSizing, server_command, supervise
 
     sizing = ServerSizing.from_environment(
@@ -332,16 +333,30 @@ def _cmd_tracking_server(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
     )
     sizing.check()
-    command = server_command(
-        args.backend_store_uri, args.artifacts_destination, args.host, args.port, sizing.workers
-    )
+    if (args.backend_store_uri is None) == (args.postgres_dir is None):
+        raise ConfigError("tracking-server: give either --backend-store-uri or --postgres-dir")
     print(
         f"tracking-server: {sizing.workers} workers × (pool {sizing.pool_size} + overflow "
         f"{sizing.max_overflow}) connections, under max_connections {sizing.max_connections}",
         file=sys.stderr,
     )
-    supervise(command, sizing.environment(), restart_delay_s=args.restart_delay)
-    return EXIT_OK
+    if args.postgres_dir is None:
+        command = server_command(
+            args.backend_store_uri, args.artifacts_destination, args.host, args.port, sizing.workers
+        )
+        supervise(command, sizing.environment(), restart_delay_s=args.restart_delay)
+        return EXIT_OK
+    from midasbench.harness.tracking.postgres import LocalPostgres, require_driver
+
+    require_driver()
+    postgres = LocalPostgres(Path(args.postgres_dir), args.postgres_port, sizing.max_connections)
+    url = postgres.ensure_running()
+    print(f"tracking-server: PostgreSQL in {postgres.data_dir}, {url}", file=sys.stderr)
+    command = server_command(url, args.artifacts_destination, args.host, args.port, sizing.workers)
+    try:  # the database is started again whenever it is found down, and stopped with the server
+        supervise(command, sizing.environment(), restart_delay_s=args.restart_delay, keep_up=postgres.keep_up)
+    finally:
+        postgres.stop()
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -568,9 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
         "MIDASBENCH_MLFLOW_WORKERS, MLFLOW_SQLALCHEMYSTORE_POOL_SIZE, MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW "
         "and MIDASBENCH_DB_MAX_CONNECTIONS; workers × (pool + overflow) must stay under max_connections.",
     )
+    p.add_argument("--backend-store-uri", help="e.g. postgresql://mlflow:mlflow@127.0.0.1/mlflow")
     p.add_argument(
-        "--backend-store-uri", required=True, help="e.g. postgresql://mlflow:mlflow@127.0.0.1/mlflow"
+        "--postgres-dir",
+        help="instead: run the store's own PostgreSQL with its data in this folder (created on first use; "
+        "loopback only, trusted local users) and start it again whenever it is down",
     )
+    p.add_argument("--postgres-port", type=int, default=5432, help="its port (default 5432)")
+
     p.add_argument("--artifacts-destination", required=True, help="a folder or s3:// prefix")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=5000)

@@ -87,3 +87,41 @@ def ray_session():
 @pytest.fixture
 def tiny_options() -> dict[str, Any]:
     return dict(TINY_SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
+def postgres_folder():
+    """A factory of data folders for PostgreSQL servers of the tests' own (issue 14): a folder that the
+    user PostgreSQL runs as may enter (pytest's own are private to root); skipped, with the reason, where
+    PostgreSQL or its Python driver is not installed."""
+    import shutil
+    import tempfile
+
+    from midasbench.harness.tracking.postgres import LocalPostgres, PostgresUnavailable, require_driver
+
+    try:
+        require_driver()
+        LocalPostgres(Path("/nonexistent"))  # finds the binaries and a user to run them as, or says why not
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    root = Path(tempfile.mkdtemp(prefix="midasbench-test-pg-"))
+    root.chmod(0o755)
+
+    def make(name: str) -> Path:
+        return root / name
+
+    yield make
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres(postgres_folder):
+    """One PostgreSQL server for the session, on a free loopback port; ``postgres.url(db)`` after
+    ``postgres.create_database(db)``."""
+    from midasbench.harness.tracking.postgres import LocalPostgres
+    from midasbench.harness.tracking.server import free_port
+
+    server = LocalPostgres(postgres_folder("session"), port=free_port())
+    server.ensure_running("postgres")
+    yield server
+    server.stop("immediate")

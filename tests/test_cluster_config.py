@@ -64,7 +64,7 @@ def test_cluster_config_installs_midasbench_and_starts_the_mlflow_server(name):
     # issue 14: the server's pools together stay under the database's connections, which setup raises to
     assert sizes["MIDASBENCH_MLFLOW_WORKERS"] * pools < sizes["MIDASBENCH_DB_MAX_CONNECTIONS"]
     head_setup = " ".join(config["head_setup_commands"])
-    assert "install -y -q postgresql" in head_setup and "psycopg2-binary" in head_setup
+    assert "install -y -q postgresql" in head_setup and "psycopg[binary]" in head_setup
     assert f"max_connections = {sizes['MIDASBENCH_DB_MAX_CONNECTIONS']}" in head_setup
     assert any("ray start --head" in c for c in config["head_start_ray_commands"])
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,24 +16,20 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from midasbench.harness.config import build_config
-from midasbench.harness.tracking.server import healthy, stop_process_group
+from midasbench.harness.tracking.server import free_port, healthy, stop_process_group
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 START_TIMEOUT_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Server:
-    """`mlflow server` on a loopback port, sqlite backend and proxied artifacts in ``root``; can be
-    stopped (or killed) and started again on the same port and store, as a supervisor would."""
+    """`mlflow server` on a loopback port, proxied artifacts in ``root``, a sqlite store there unless
+    ``backend`` names another; can be stopped (or killed) and started again on the same port and store,
+    as a supervisor would."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
-        self.root, self.port = root, port or _free_port()
+    def __init__(self, root: Path, backend: str | None = None) -> None:
+        self.root, self.port = root, free_port()
+        self.backend = backend or f"sqlite:///{root / 'srv.db'}"
         self.url = f"http://127.0.0.1:{self.port}"
         self.artifacts = root / "artifacts"
         self.process: subprocess.Popen | None = None
@@ -48,7 +43,7 @@ class Server:
                     str(MLFLOW),
                     "server",
                     "--backend-store-uri",
-                    f"sqlite:///{self.root / 'srv.db'}",
+                    self.backend,
                     "--artifacts-destination",
                     str(self.artifacts),
                     "--host",
@@ -183,12 +178,23 @@ print(tracker.run_id)
 """
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path) -> str:
+    """The server's backend store: sqlite (the local default) or PostgreSQL (the cluster's)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'srv.db'}"
+    postgres = request.getfixturevalue("postgres")
+    database = f"restarts_{os.getpid()}_{abs(hash(str(tmp_path))) % 10**6}"
+    postgres.create_database(database)
+    return postgres.url(database)
+
+
 @pytest.mark.slow
-def test_writers_lose_nothing_when_the_server_is_killed_and_restarted(tmp_path):
+def test_writers_lose_nothing_when_the_server_is_killed_and_restarted(tmp_path, backend):
     # issue 14: concurrent trials log through the project's tracker while their server dies mid-run and
     # comes back (as its supervisor restarts it): the records wait in the journals, nothing is lost or
-    # stored twice, every run ends FINISHED, no writer fails
-    server = Server(tmp_path)
+    # stored twice, every run ends FINISHED, no writer fails; on sqlite and on PostgreSQL
+    server = Server(tmp_path, backend)
     server.start()
     epochs, names = 25, ["w0", "w1", "w2"]
     writers = [

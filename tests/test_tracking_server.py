@@ -5,16 +5,24 @@ import io
 import os
 import re
 import signal
-import socket
+import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from midasbench.harness.cli import EXIT_USAGE, main
 from midasbench.harness.errors import ConfigError
-from midasbench.harness.tracking.server import ServerSizing, server_command, supervise, wait_healthy
+from midasbench.harness.tracking.server import (
+    ServerSizing,
+    free_port,
+    server_command,
+    supervise,
+    wait_healthy,
+)
 
 
 def test_sizing_keeps_the_pools_under_the_database_connections(monkeypatch):
@@ -49,9 +57,7 @@ def test_a_server_that_exits_is_started_again_until_stopped():
 
 @pytest.mark.slow
 def test_a_killed_mlflow_server_comes_back_with_its_store(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = server_command(
         f"sqlite:///{tmp_path / 'srv.db'}", str(tmp_path / "artifacts"), "127.0.0.1", port, 1
@@ -73,3 +79,79 @@ def test_a_killed_mlflow_server_comes_back_with_its_store(tmp_path):
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def test_the_cli_wants_one_store(capsys):
+    code = main(["tracking-server", "--artifacts-destination", "a", "--max-connections", "1000"])
+    assert code == EXIT_USAGE and "either --backend-store-uri or --postgres-dir" in capsys.readouterr().err
+
+
+def test_the_store_s_own_postgres_keeps_its_data_and_is_started_again(postgres_folder):
+    import psycopg
+
+    from midasbench.harness.tracking.postgres import LocalPostgres
+
+    postgres = LocalPostgres(postgres_folder("crash"), port=free_port(), max_connections=50)
+    url = postgres.ensure_running("kept")
+    with psycopg.connect(url) as connection:
+        connection.execute("CREATE TABLE t (x int)")
+        connection.execute("INSERT INTO t VALUES (7)")
+    postgres.stop("immediate")  # as if it crashed
+    assert not postgres.running()
+    stop = threading.Event()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    thread = threading.Thread(
+        target=supervise,
+        args=(sleeper, {}),
+        kwargs={"stop": stop, "log": io.StringIO(), "keep_up": postgres.keep_up, "keep_up_every_s": 0.2},
+    )
+    thread.start()
+    try:
+        postgres.stop("immediate")  # down again while the supervisor runs: found down and started
+        deadline, rows = time.monotonic() + 60, None
+        while rows is None and time.monotonic() < deadline:
+            try:
+                with psycopg.connect(url) as connection:
+                    rows = connection.execute("SELECT x FROM t").fetchall()
+            except psycopg.OperationalError:  # down, or still recovering
+                time.sleep(0.2)
+        assert rows == [(7,)]  # back, and recovered from its write-ahead log
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        postgres.stop()
+
+
+@pytest.mark.slow
+def test_the_tracking_server_on_its_own_postgres(postgres_folder, tmp_path):
+    # `midasbench tracking-server --postgres-dir`: the MLflow server on a PostgreSQL of its own, which is
+    # started again when it dies and stopped with the server
+    from midasbench.harness.tracking.postgres import LocalPostgres
+
+    folder, pg_port, port = postgres_folder("cli"), free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        *[str(Path(sys.executable).with_name("midasbench")), "tracking-server"],
+        *["--postgres-dir", str(folder), "--postgres-port", str(pg_port), "--max-connections", "100"],
+        *["--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1"],
+        *["--port", str(port), "--workers", "1", "--restart-delay", "0.5"],
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with (tmp_path / "server.log").open("w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    postgres = LocalPostgres(folder, port=pg_port)
+    try:
+        assert wait_healthy(url, timeout_s=120), (tmp_path / "server.log").read_text()
+        experiment = MlflowClient(url).create_experiment("on-postgres")
+        postgres.stop("immediate")
+        deadline, name = time.monotonic() + 90, None
+        while name is None and time.monotonic() < deadline:
+            try:
+                name = MlflowClient(url).get_experiment(experiment).name
+            except Exception:
+                time.sleep(0.5)
+        assert name == "on-postgres", (tmp_path / "server.log").read_text()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert not postgres.running()  # stopped with the server

@@ -12,7 +12,8 @@ environment, so a cluster config sets them once: ``MIDASBENCH_MLFLOW_WORKERS`` (
 
 Supervision. The server runs as a child in its own process group; when it exits for any reason it is
 started again after ``restart_delay_s`` (a restart costs trials only delay: their records wait in their
-journals). SIGTERM or SIGINT stop the child and the supervisor.
+journals). SIGTERM or SIGINT stop the child and the supervisor. With ``--postgres-dir`` the supervisor also
+runs the store's own PostgreSQL (``postgres.py``) and starts it again when it is found down.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -99,22 +101,30 @@ def supervise(
     max_starts: int | None = None,
     stop: threading.Event | None = None,
     log: TextIO = sys.stderr,
+    keep_up: Callable[[], None] | None = None,
+    keep_up_every_s: float = 5.0,
 ) -> int:
     """Run ``command``, starting it again whenever it exits, until ``stop`` is set, a signal arrives or
-    it was started ``max_starts`` times; returns the number of starts."""
+    it was started ``max_starts`` times; returns the number of starts. ``keep_up`` (e.g. start the
+    server's database if it is down) is called before each start and every ``keep_up_every_s``."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     starts = 0
     while not stop.is_set() and (max_starts is None or starts < max_starts):
+        if keep_up is not None:
+            keep_up()
         process = subprocess.Popen(list(command), env={**os.environ, **env}, start_new_session=True)
         starts += 1
         print(
             f"tracking-server: started {command[0]} (pid {process.pid}, start {starts})", file=log, flush=True
         )
+        checked = time.monotonic()
         while process.poll() is None and not stop.wait(0.5):
-            pass
+            if keep_up is not None and time.monotonic() - checked >= keep_up_every_s:
+                keep_up()
+                checked = time.monotonic()
         if process.poll() is None:  # asked to stop
             stop_process_group(process)
             break
@@ -167,3 +177,10 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> bool:
             return True
         time.sleep(0.5)
     return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for a server the tests and benchmarks start)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
