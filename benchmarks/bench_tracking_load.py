@@ -3,16 +3,19 @@
 
 Each writer is a process that starts a run with 60 params, then logs ``--epochs`` epochs of 40 metrics
 (one ``log_metrics`` call per epoch, ``--interval`` seconds apart) through ``MlflowTracker`` (journal in
-its own folder) and ends the run. The server is ``midasbench tracking-server``'s command (sqlite backend
-on a loopback port; ``--workers``, ``--pool-size`` and ``--max-overflow`` as on the cluster), started
-fresh for each K. ``--restart`` kills the server once, a third of the way in, and starts it again after
-two seconds. Afterwards every run is read back: a writer that exited non-zero is an error, a run not
-FINISHED or missing rows is a loss.
+its own folder) and ends the run. The server is ``midasbench tracking-server``'s command on a loopback
+port (``--workers``, ``--pool-size`` and ``--max-overflow`` as on the cluster), started fresh for each K,
+on a fresh sqlite file or (``--backend postgresql``) a fresh database of a PostgreSQL of the benchmark's
+own (``harness/tracking/postgres.py``, ``max_connections`` 300 as on the cluster's head). ``--restart``
+kills the server once, a third of the way in, and starts it again after two seconds. Afterwards every
+run is read back: a writer that exited non-zero is an error, a run not FINISHED or missing rows is a loss.
 
 Goal: nothing lost, no writer failed, for every K.
 
     .venv/bin/python benchmarks/bench_tracking_load.py [--writers 8,32,64] [--epochs 70] [--interval 0.05]
-        [--workers 2] [--pool-size 5] [--max-overflow 10] [--restart]
+        [--workers 2] [--pool-size 5] [--max-overflow 10] [--restart] [--backend sqlite|postgresql]
+
+The cluster's configuration: ``--backend postgresql --workers 4 --pool-size 20 --max-overflow 20``.
 """
 
 from __future__ import annotations
@@ -21,14 +24,16 @@ import argparse
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _bench_support import Row, finish, print_table
+
+MAX_CONNECTIONS = 300  # PostgreSQL's on the cluster's head (cluster.yaml); the sizing is checked against it
 
 WRITER = """
 import sys, time
@@ -54,22 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=5, help="SQLAlchemy pool per worker (default 5)")
     parser.add_argument("--max-overflow", type=int, default=10, help="overflow per worker (default 10)")
     parser.add_argument("--restart", action="store_true", help="kill and restart the server mid-run")
+    parser.add_argument("--backend", choices=["sqlite", "postgresql"], default="sqlite")
     return parser.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(root: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+def start_server(root: Path, backend: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     from midasbench.harness.tracking.server import ServerSizing, server_command, wait_healthy
 
-    sizing = ServerSizing(args.workers, args.pool_size, args.max_overflow, max_connections=10**6)
-    command = server_command(
-        f"sqlite:///{root / 'srv.db'}", str(root / "artifacts"), "127.0.0.1", port, args.workers
-    )
+    sizing = ServerSizing(args.workers, args.pool_size, args.max_overflow, max_connections=MAX_CONNECTIONS)
+    sizing.check()
+    command = server_command(backend, str(root / "artifacts"), "127.0.0.1", port, args.workers)
     env = {**os.environ, **sizing.environment(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with (root / "server.log").open("ab") as log:
         process = subprocess.Popen(
@@ -86,13 +85,20 @@ def kill(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def one_load(k: int, args: argparse.Namespace) -> dict[str, float]:
+def one_load(k: int, args: argparse.Namespace, postgres: Any) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
+    from midasbench.harness.tracking.server import free_port
+
     root = Path(tempfile.mkdtemp(prefix=f"bench-tracking-{k}-"))
+    if postgres is None:
+        backend = f"sqlite:///{root / 'srv.db'}"
+    else:
+        postgres.create_database(f"load_{k}_{root.name[-8:]}")
+        backend = postgres.url(f"load_{k}_{root.name[-8:]}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = start_server(root, port, args)
+    server = start_server(root, backend, port, args)
     start = time.perf_counter()
     writers = [
         subprocess.Popen(
@@ -116,7 +122,7 @@ def one_load(k: int, args: argparse.Namespace) -> dict[str, float]:
         time.sleep(max(5.0, args.epochs * args.interval / 3))
         kill(server)
         time.sleep(2.0)
-        server = start_server(root, port, args)
+        server = start_server(root, backend, port, args)
     errors = sum(w.wait() != 0 for w in writers)
     seconds = time.perf_counter() - start
     client = MlflowClient(url)
@@ -136,36 +142,49 @@ def one_load(k: int, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+def local_postgres() -> Any:
+    """A PostgreSQL of the benchmark's own in a temporary folder the server's user may enter."""
+    from midasbench.harness.tracking.postgres import LocalPostgres
+    from midasbench.harness.tracking.server import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="bench-tracking-pg-"))
+    root.chmod(0o755)
+    postgres = LocalPostgres(root / "data", port=free_port(), max_connections=MAX_CONNECTIONS)
+    postgres.ensure_running("postgres")
+    return postgres
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    postgres = local_postgres() if args.backend == "postgresql" else None
     rows = []
-    for k in (int(x) for x in args.writers.split(",")):
-        r = one_load(k, args)
-        lost = r["sent"] - r["stored"]
-        ok = (
-            lost == 0
-            and r["errors"] == 0
-            and r["unfinished"] == 0
-            and r["runs"] == k
-            and r["params"] == 60 * k
-        )
-        rows.append(
-            Row(
-                f"K = {k}: rows stored / sent, params, runs not FINISHED, writers failed, wall",
-                value=f"{r['stored']:,} / {r['sent']:,}, {r['params']:,}, {r['unfinished']}, {r['errors']}, "
-                f"{r['seconds']:.0f} s",
-                goal="nothing lost, no failure",
-                ok=ok,
-            )
-        )
-        print(f"K = {k}: {r}", flush=True)
+    try:
+        for k in (int(x) for x in args.writers.split(",")):
+            rows.append(one_row(k, args, postgres))
+    finally:
+        if postgres is not None:
+            postgres.stop()
     restart = ", server killed and restarted mid-run" if args.restart else ""
     print_table(
         f"tracking load: {args.epochs} epochs x 40 metrics per writer; server --workers {args.workers}, "
-        f"pool {args.pool_size} + {args.max_overflow}, sqlite{restart}",
+        f"pool {args.pool_size} + {args.max_overflow}, {args.backend}{restart}",
         rows,
     )
     return finish(rows)
+
+
+def one_row(k: int, args: argparse.Namespace, postgres: Any) -> Row:
+    r = one_load(k, args, postgres)
+    print(f"K = {k}: {r}", flush=True)
+    lost = r["sent"] - r["stored"]
+    ok = lost == 0 and r["errors"] == 0 and r["unfinished"] == 0 and r["runs"] == k and r["params"] == 60 * k
+    return Row(
+        f"K = {k}: rows stored / sent, params, runs not FINISHED, writers failed, wall",
+        value=f"{r['stored']:,} / {r['sent']:,}, {r['params']:,}, {r['unfinished']}, {r['errors']}, "
+        f"{r['seconds']:.0f} s",
+        goal="nothing lost, no failure",
+        ok=ok,
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from midasbench.harness.sweeps.sweep import SWEEP_TAG, TRIAL_TAG
+from midasbench.harness.tracking.server import free_port
 
 pytestmark = [
     pytest.mark.ray,
@@ -38,12 +38,6 @@ BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 60
 SWEEP_TIMEOUT_S = 240
 STARTED = "Ray runtime started"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _session_pids(sid: int) -> list[int]:
@@ -132,7 +126,7 @@ def two_node_cluster(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("cluster")
     # Ray's unix sockets live under --temp-dir and must fit in 107 bytes: keep it short
     ray_tmp = Path(tempfile.mkdtemp(prefix="mbray-", dir="/tmp"))
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
     env.update(
@@ -154,7 +148,7 @@ def two_node_cluster(tmp_path_factory: pytest.TempPathFactory):
                     "--include-dashboard=false",
                     "--disable-usage-stats",
                     "--dashboard-agent-listen-port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--temp-dir",
                     str(ray_tmp / "head"),
                     *common,
@@ -169,7 +163,7 @@ def two_node_cluster(tmp_path_factory: pytest.TempPathFactory):
                     "--address",
                     address,
                     "--dashboard-agent-listen-port",
-                    str(_free_port()),
+                    str(free_port()),
                     "--temp-dir",
                     str(ray_tmp / "worker"),
                     *common,
