@@ -155,3 +155,24 @@ def test_the_tracking_server_on_its_own_postgres(postgres_folder, tmp_path):
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     assert not postgres.running()  # stopped with the server
+
+
+def test_postgres_programs_are_found_on_path_or_in_the_newest_version(tmp_path, monkeypatch):
+    from midasbench.harness.tracking.postgres import PostgresUnavailable, find_bin_dir
+
+    for version, programs in {
+        "9.6": ["pg_ctl", "initdb"],
+        "15": ["pg_ctl", "initdb"],
+        "16": ["pg_ctl"],
+    }.items():
+        folder = tmp_path / "lib" / version / "bin"
+        folder.mkdir(parents=True)
+        for program in programs:
+            (folder / program).write_text("#!/bin/sh\n")
+            (folder / program).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert find_bin_dir(tmp_path / "lib") == tmp_path / "lib" / "15" / "bin"  # 16 lacks initdb
+    with pytest.raises(PostgresUnavailable, match=r"no pg_ctl and initdb on PATH or in .*nothing/\*/bin"):
+        find_bin_dir(tmp_path / "nothing")
+    monkeypatch.setenv("PATH", str(tmp_path / "lib" / "9.6" / "bin"))
+    assert find_bin_dir(tmp_path / "lib") == tmp_path / "lib" / "9.6" / "bin"  # PATH first

@@ -30,19 +30,26 @@ class PostgresUnavailable(ConfigError):
     """PostgreSQL's programs, its Python driver or a user to run it as are missing (says which)."""
 
 
-def find_bin_dir() -> Path:
-    """The folder holding ``pg_ctl`` and ``initdb``."""
+def find_bin_dir(installed: Path = Path("/usr/lib/postgresql")) -> Path:
+    """The folder holding ``pg_ctl`` and ``initdb``: on ``PATH``, else the newest version in
+    ``installed`` (Debian's layout, ``<version>/bin``)."""
     on_path = shutil.which("pg_ctl")
     if on_path and shutil.which("initdb"):
         return Path(on_path).resolve().parent
-    versions = Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")
-    for pg_ctl in sorted(versions, key=lambda p: int(p.parent.parent.name), reverse=True):
+    versions = installed.glob("*/bin/pg_ctl")
+    for pg_ctl in sorted(versions, key=lambda p: _version(p.parent.parent.name), reverse=True):
         if (pg_ctl.parent / "initdb").is_file():
             return pg_ctl.parent
     raise PostgresUnavailable(
-        "PostgreSQL is not installed here: no pg_ctl and initdb on PATH or in /usr/lib/postgresql/*/bin "
+        f"PostgreSQL is not installed here: no pg_ctl and initdb on PATH or in {installed}/*/bin "
         "(e.g. apt-get install postgresql)"
     )
+
+
+def _version(name: str) -> tuple[int, ...]:
+    """``"15"`` → ``(15,)``, ``"9.6"`` → ``(9, 6)``; a folder not named by a version sorts first."""
+    parts = name.split(".")
+    return tuple(int(part) for part in parts) if all(part.isdigit() for part in parts) else ()
 
 
 def require_driver() -> None:
