@@ -357,6 +357,7 @@ def _cmd_tracking_server(args: argparse.Namespace) -> int:
         supervise(command, sizing.environment(), restart_delay_s=args.restart_delay, keep_up=postgres.keep_up)
     finally:
         postgres.stop()
+    return EXIT_OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -590,7 +591,6 @@ def build_parser() -> argparse.ArgumentParser:
         "loopback only, trusted local users) and start it again whenever it is down",
     )
     p.add_argument("--postgres-port", type=int, default=5432, help="its port (default 5432)")
-
     p.add_argument("--artifacts-destination", required=True, help="a folder or s3:// prefix")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=5000)

@@ -55,6 +55,19 @@ def test_a_server_that_exits_is_started_again_until_stopped():
     assert supervise(long_running, {}, stop=stop, log=io.StringIO()) == 1  # stopped: its child is ended
 
 
+def test_a_store_that_cannot_be_kept_up_does_not_stop_the_supervisor():
+    calls, log = [], io.StringIO()
+
+    def keep_up() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("port 5432 is taken")
+
+    quick = [sys.executable, "-c", "pass"]
+    assert supervise(quick, {}, restart_delay_s=0.01, max_starts=2, log=log, keep_up=keep_up) == 2
+    assert len(calls) == 2 and "could not keep the store up: port 5432 is taken" in log.getvalue()
+
+
 @pytest.mark.slow
 def test_a_killed_mlflow_server_comes_back_with_its_store(tmp_path):
     port = free_port()
@@ -154,7 +167,7 @@ def test_the_tracking_server_on_its_own_postgres(postgres_folder, tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
-    assert not postgres.running()  # stopped with the server
+    assert server.returncode == 0 and not postgres.running()  # stopped with the server
 
 
 def test_postgres_programs_are_found_on_path_or_in_the_newest_version(tmp_path, monkeypatch):

@@ -111,10 +111,18 @@ def supervise(
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+
+    def keep_it_up() -> None:
+        if keep_up is None:
+            return
+        try:
+            keep_up()
+        except Exception as exc:  # tried again at the next check: the supervisor itself must not die
+            print(f"tracking-server: could not keep the store up: {exc}", file=log, flush=True)
+
     starts = 0
     while not stop.is_set() and (max_starts is None or starts < max_starts):
-        if keep_up is not None:
-            keep_up()
+        keep_it_up()
         process = subprocess.Popen(list(command), env={**os.environ, **env}, start_new_session=True)
         starts += 1
         print(
@@ -122,8 +130,8 @@ def supervise(
         )
         checked = time.monotonic()
         while process.poll() is None and not stop.wait(0.5):
-            if keep_up is not None and time.monotonic() - checked >= keep_up_every_s:
-                keep_up()
+            if time.monotonic() - checked >= keep_up_every_s:
+                keep_it_up()
                 checked = time.monotonic()
         if process.poll() is None:  # asked to stop
             stop_process_group(process)
