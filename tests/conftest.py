@@ -35,8 +35,22 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sqlite MLflow store with its schema made once a session: migrating a new store takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path: Path) -> str:
+def mlflow_uri(tmp_path: Path, empty_mlflow_store: Path) -> str:
+    """A test's own sqlite MLflow store, empty: a copy of the session's migrated one."""
+    import shutil
+
+    shutil.copyfile(empty_mlflow_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
