@@ -340,23 +340,20 @@ def _cmd_tracking_server(args: argparse.Namespace) -> int:
         f"{sizing.max_overflow}) connections, under max_connections {sizing.max_connections}",
         file=sys.stderr,
     )
-    if args.postgres_dir is None:
-        command = server_command(
-            args.backend_store_uri, args.artifacts_destination, args.host, args.port, sizing.workers
-        )
-        supervise(command, sizing.environment(), restart_delay_s=args.restart_delay)
-        return EXIT_OK
-    from midasbench.harness.tracking.postgres import LocalPostgres, require_driver
+    store, postgres = args.backend_store_uri, None
+    if args.postgres_dir is not None:
+        from midasbench.harness.tracking.postgres import LocalPostgres
 
-    require_driver()
-    postgres = LocalPostgres(Path(args.postgres_dir), args.postgres_port, sizing.max_connections)
-    url = postgres.ensure_running()
-    print(f"tracking-server: PostgreSQL in {postgres.data_dir}, {url}", file=sys.stderr)
-    command = server_command(url, args.artifacts_destination, args.host, args.port, sizing.workers)
-    try:  # the database is started again whenever it is found down, and stopped with the server
-        supervise(command, sizing.environment(), restart_delay_s=args.restart_delay, keep_up=postgres.keep_up)
+        postgres = LocalPostgres(Path(args.postgres_dir), args.postgres_port, sizing.max_connections)
+        store = postgres.ensure_running()
+        print(f"tracking-server: PostgreSQL in {postgres.data_dir}, {store}", file=sys.stderr)
+    command = server_command(store, args.artifacts_destination, args.host, args.port, sizing.workers)
+    try:  # the store's own database is started again whenever it is found down, and stopped with the server
+        keep_up = postgres.keep_up if postgres is not None else None
+        supervise(command, sizing.environment(), restart_delay_s=args.restart_delay, keep_up=keep_up)
     finally:
-        postgres.stop()
+        if postgres is not None:
+            postgres.stop()
     return EXIT_OK
 
 

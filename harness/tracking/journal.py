@@ -124,12 +124,11 @@ class Journal:
             tmp.write_text(json.dumps({"acked": self.acked, "run_id": self.run_id}))
             os.replace(tmp, path)
 
-    def drop_pending(self, op: str, upto: int | None = None) -> None:
+    def drop_pending(self, op: str, upto: int) -> None:
         """Forget the unsent entries of kind ``op`` numbered at most ``upto`` (an adopting attempt
         journals the run's params anew and ends it itself)."""
-        last = self.last_seq if upto is None else upto
         with self._lock:
-            self.entries = [e for e in self.entries if e.seq <= self.acked or e.op != op or e.seq > last]
+            self.entries = [e for e in self.entries if e.seq <= self.acked or e.op != op or e.seq > upto]
 
     # ---- reading
     def pending(self) -> list[Entry]:

@@ -50,13 +50,17 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.journal = Journal.open(journal_dir, fingerprint, adopt=adopt)
         self.flush_timeout_s = flush_timeout_s
-        self.run_id: str | None = self.journal.run_id
         self._wake, self._closing = threading.Event(), threading.Event()
         self._deadline = math.inf
         self._last_error: BaseException | None = None
         self._fatal: BaseException | None = None
         self._flusher: threading.Thread | None = None
         self._opening: _Opening | None = None  # the run to create or adopt before anything is sent
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run's id, once created or adopted (kept in the journal's acknowledgement)."""
+        return self.journal.run_id
 
     # ---- the run
     def start(
@@ -92,12 +96,11 @@ class MlflowTracker:
         self.journal.acknowledge(self.journal.acked, run_id)
         self._append_chunked("params", params, MAX_PARAMS)
         self._append_chunked("tags", {**tags, RUN_KEY_TAG: self.journal.run_key}, MAX_TAGS)
-        self.run_id = run_id
 
     def _find_run(self, experiment_id: str, tags: Mapping[str, str]) -> str | None:
         """An unfinished run this one continues: the one an earlier try of this journal created, or an
         earlier attempt of the same sweep trial (same parent run and trial key)."""
-        found = self._search(experiment_id, f"tags.`{RUN_KEY_TAG}` = '{self.journal.run_key}'")
+        found = self._runs_with_key(experiment_id)
         if found:
             return found[0]
         parent, trial = tags.get("mlflow.parentRunId"), tags.get(IDENTITY_TAG)
@@ -110,19 +113,21 @@ class MlflowTracker:
         )
         return found[0] if found else None
 
+    def _runs_with_key(self, experiment_id: str) -> list[str]:
+        """Runs carrying this journal's run key, earliest first."""
+        return self._search(experiment_id, f"tags.`{RUN_KEY_TAG}` = '{self.journal.run_key}'")
+
     def _search(self, experiment_id: str, query: str) -> list[str]:
         runs = self.client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"])
         return [run.info.run_id for run in runs]
 
     def _create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:
-        """A new run, safe to repeat: a try whose answer was lost left a run with this journal's key,
-        found first; runs the HTTP layer re-sent are deleted but the earliest."""
-        existing = self._search(experiment_id, f"tags.`{RUN_KEY_TAG}` = '{self.journal.run_key}'")
-        if not existing:
-            self.client.create_run(
-                experiment_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: self.journal.run_key}
-            )
-            existing = self._search(experiment_id, f"tags.`{RUN_KEY_TAG}` = '{self.journal.run_key}'")
+        """A new run (``_find_run`` found none with this journal's key; a try whose answer was lost is
+        found by it when ``_open`` is repeated); runs the HTTP layer re-sent are deleted but the earliest."""
+        self.client.create_run(
+            experiment_id, run_name=run_name, tags={**tags, RUN_KEY_TAG: self.journal.run_key}
+        )
+        existing = self._runs_with_key(experiment_id)
         for duplicate in existing[1:]:
             self.client.delete_run(duplicate)
         return existing[0]

@@ -97,10 +97,11 @@ class LocalPostgres:
 
     def ensure_running(self, database: str = "mlflow") -> str:
         """Initialise the folder on first use, start the server unless it runs, create ``database``
-        unless it exists; returns the database's URL."""
+        unless it exists; returns the database's URL. The driver is checked first: nothing is made
+        for a store MLflow could not open."""
+        require_driver()
         self.init()
-        if not self.running():
-            self.start()
+        self.keep_up()
         self.create_database(database)
         return self.url(database)
 
@@ -112,8 +113,7 @@ class LocalPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.run_as is not None:
             shutil.chown(self.data_dir, self.run_as, self.run_as)
-            can_enter = ["runuser", "-u", self.run_as, "--", "test", "-w", str(self.data_dir)]
-            if subprocess.run(can_enter).returncode != 0:
+            if subprocess.run(self._as_server_user(["test", "-w", str(self.data_dir)])).returncode != 0:
                 raise ConfigError(
                     f"{self.data_dir}: the '{self.run_as}' user that runs PostgreSQL cannot enter it; give a "
                     "folder whose parents every user may enter"
@@ -143,7 +143,6 @@ class LocalPostgres:
             self._pg("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "stop")
 
     def create_database(self, name: str) -> None:
-        require_driver()
         import psycopg
 
         # CREATE DATABASE cannot run inside a transaction
@@ -151,10 +150,11 @@ class LocalPostgres:
             if connection.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
                 connection.execute(f'CREATE DATABASE "{name}"')
 
+    def _as_server_user(self, command: list[str]) -> list[str]:
+        return command if self.run_as is None else ["runuser", "-u", self.run_as, "--", *command]
+
     def _pg(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        command = [str(self.bin_dir / program), *args]
-        if self.run_as is not None:
-            command = ["runuser", "-u", self.run_as, "--", *command]
+        command = self._as_server_user([str(self.bin_dir / program), *args])
         done = subprocess.run(command, capture_output=True, text=True, cwd="/")
         if check and done.returncode != 0:
             log = self.log_file.read_text(errors="replace")[-2000:] if self.log_file.is_file() else ""

@@ -489,7 +489,7 @@ def train(
         status = "FINISHED"
         result = RunResult(
             method=run.method.label,
-            run_id=tracker.run_id,
+            run_id=None,  # set below, once the records are stored (the run is created in the background)
             best_epoch=p.best_epoch,
             best_val=p.best_val,
             test=test,
@@ -502,7 +502,7 @@ def train(
     finally:
         bar.close()
         _end_tracking(tracker, status, another_error=status != "FINISHED")
-    result.run_id = tracker.run_id  # known once its records are stored (the run is created in the background)
+    result.run_id = tracker.run_id
     return result
 
 
